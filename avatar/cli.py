@@ -1,0 +1,225 @@
+"""The ``avatar`` command line: generate, edit, export, preview, import, doctor.
+
+Heavy modules (torch, diffusers, the native extension) are imported inside the
+commands, so ``avatar --help`` is instant. Errors a user can fix
+(:class:`avatar.errors.AvatarError`) are printed as one message with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="avatar",
+    help="Text prompt -> rigged, textured 3D head for game engines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+prior_app = typer.Typer(help="Inspect the parametric head prior.", no_args_is_help=True)
+app.add_typer(prior_app, name="prior")
+
+PRESET_HELP = "Preset: quality (GPU, HeadSculpt scale), fast (GPU), smoke (CPU, minutes)."
+SET_HELP = "Override a config value, e.g. --set coarse.steps=500 (repeatable)."
+
+Preset = Annotated[str, typer.Option("--preset", help=PRESET_HELP)]
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP, metavar="KEY=VALUE")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config values.",
+                                                    exists=False, dir_okay=False)]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the config's, 0).")]
+
+
+def _pending(command: str, capability: str, issue: int) -> None:
+    """Stop a command whose pipeline is not built yet, after its options were validated."""
+    typer.echo(
+        f"avatar {command}: {capability} is not built yet (tracked as issue #{issue}). "
+        "Your options were checked and are valid; nothing was written.",
+        err=True,
+    )
+    raise typer.Exit(code=3)
+
+
+def _overrides(values: list[str] | None, **named: object) -> list[str]:
+    """Command-line options that map onto config keys, as ``key=value`` overrides."""
+    out = [f"{key}={value}" for key, value in named.items() if value is not None]
+    return out + list(values or [])
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="Text describing the head.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line "
+                                                    "(blank and # lines skipped); one run per prompt.")] = None,
+    preset: Preset = "quality",
+    guidance: Annotated[Optional[str], typer.Option("--guidance", help="Hub id, local diffusers folder, "
+                                                    "'tiny' or 'oracle:MESH'.")] = None,
+    head_model: Annotated[Optional[str], typer.Option("--head-model", help="Head prior: anny, flame:DIR "
+                                                      "or auto.")] = None,
+    seed: Seed = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue RUN from its last "
+                                                   "checkpoint.")] = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
+) -> None:
+    """Optimise a head from a text prompt (coarse NeRF, then fine DMTet mesh)."""
+    from avatar.config import GenerateConfig, make_config
+    from avatar.errors import AvatarError
+
+    if resume is None and prompts is None and not (prompt or "").strip():
+        raise AvatarError("the prompt is empty: avatar generate \"an old sea captain with a grey beard\" "
+                          "(or --prompts FILE, or --resume RUN)")
+    if prompts is not None and not prompts.is_file():
+        raise AvatarError(f"prompts file {prompts} does not exist or is not a file")
+    make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
+        set_, prompt=prompt, seed=seed, output_root=out,
+        **{"guidance.model": guidance, "prior.spec": head_model}))
+    _pending("generate", "the coarse-to-fine generation pipeline", 7)
+
+
+@app.command()
+def edit(
+    run: Annotated[Path, typer.Argument(help="Run folder (or an earlier edit) to edit.")],
+    instruction: Annotated[str, typer.Argument(help="What to change, e.g. 'give him a red woollen hat'.")],
+    source_prompt: Annotated[Optional[str], typer.Option("--source-prompt", help="Prompt of the source "
+                                                         "avatar (default: the run's).")] = None,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="Edit weight against identity "
+                                                      "(0 keeps the source, 1 default).")] = None,
+    texture_only: Annotated[bool, typer.Option("--texture-only", help="Lock geometry; recolour only.")] = False,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimisation steps.")] = None,
+    preset: Preset = "quality",
+    guidance: Annotated[Optional[str], typer.Option("--guidance", help="InstructPix2Pix source: hub id, "
+                                                    "local folder, 'tiny' or 'oracle:...'.")] = None,
+    seed: Seed = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
+) -> None:
+    """Edit an avatar by text, keeping its identity (IESD); writes RUN/edits/<slug>-<time>/."""
+    from avatar.config import EditConfig, make_config
+    from avatar.errors import AvatarError
+    from avatar.workspace import Workspace
+
+    if not instruction.strip():
+        raise AvatarError("the instruction is empty: avatar edit RUN \"give him a red woollen hat\"")
+    Workspace.open(run)
+    make_config(EditConfig, preset, config_file=config, overrides=_overrides(
+        set_, instruction=instruction, source_prompt=source_prompt, strength=strength, seed=seed,
+        texture_only=texture_only or None, **{"fine.steps": steps, "guidance.model": guidance}))
+    _pending("edit", "identity-aware editing (IESD)", 8)
+
+
+@app.command("export")
+def export_(
+    run: Annotated[Path, typer.Argument(help="Run or edit folder to export.")],
+    format_: Annotated[Optional[str], typer.Option("--format", help="Comma list of glb, obj, ply, video.")] = None,
+    faces: Annotated[Optional[int], typer.Option("--faces", help="Target face count (default 50,000).")] = None,
+    texture_size: Annotated[Optional[int], typer.Option("--texture-size", help="Texture size: 1024, 2048 "
+                                                        "or 4096.")] = None,
+    no_rig: Annotated[bool, typer.Option("--no-rig", help="Static mesh: no blendshapes, no skeleton.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    config: ConfigFile = None,
+    set_: Overrides = None,
+) -> None:
+    """Write RUN/export/: avatar.glb (PBR, ARKit blendshapes, skeleton), OBJ, PLY."""
+    from avatar.config import ExportConfig, make_config
+    from avatar.workspace import Workspace
+
+    Workspace.open(run)
+    make_config(ExportConfig, config_file=config, overrides=_overrides(
+        set_, formats=format_, faces=faces, texture_size=texture_size, rig=False if no_rig else None))
+    _pending("export", "glTF/OBJ/PLY export", 9)
+
+
+@app.command()
+def preview(
+    run: Annotated[Path, typer.Argument(help="Run or edit folder.")],
+    frames: Annotated[int, typer.Option("--frames", help="Turntable frames.")] = 120,
+    size: Annotated[int, typer.Option("--size", help="Video size in pixels (multiple of 16).")] = 512,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing preview.")] = False,
+) -> None:
+    """Write a turntable MP4 and an offline preview.html viewer next to the GLB."""
+    from avatar.workspace import Workspace
+
+    Workspace.open(run)
+    _pending("preview", "the turntable video and offline viewer", 9)
+
+
+@app.command("import")
+def import_(
+    mesh: Annotated[Path, typer.Argument(help="Head mesh: GLB, OBJ or PLY (textured or vertex-coloured).")],
+    preset: Preset = "quality",
+    head_model: Annotated[Optional[str], typer.Option("--head-model", help="Head prior for landmarks, "
+                                                      "blendshapes and skin.")] = None,
+    seed: Seed = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")] = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
+) -> None:
+    """Fit the avatar representation to an existing head mesh, so it can be edited and exported."""
+    from avatar.config import GenerateConfig, make_config
+    from avatar.errors import AvatarError
+
+    if not mesh.is_file():
+        raise AvatarError(f"mesh file {mesh} does not exist")
+    if mesh.suffix.lower() not in (".glb", ".gltf", ".obj", ".ply"):
+        raise AvatarError(f"{mesh} is not a GLB, glTF, OBJ or PLY file")
+    make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
+        set_, prompt=mesh.stem, seed=seed, output_root=out, **{"prior.spec": head_model}))
+    _pending("import", "mesh import (multi-view reconstruction)", 7)
+
+
+@app.command()
+def doctor(
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    build: Annotated[bool, typer.Option("--build", help="Build the native extension now if needed.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Outputs folder to check for disk space.")] = None,
+) -> None:
+    """Report versions, device, engines, head priors, cached guidance weights and free disk."""
+    import json
+
+    from avatar import doctor as doc
+    from avatar.paths import outputs_root
+
+    report = doc.collect(out or outputs_root(), build=build)
+    if json_:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        doc.render(report)
+
+
+@prior_app.command("show")
+def prior_show(
+    spec: Annotated[str, typer.Argument(help="Head prior: anny, flame:DIR or auto.")] = "auto",
+    out: Annotated[Path, typer.Option("--out", help="Folder to write prior.obj, landmarks.png, prior.json.")] = Path(
+        "prior-show"),
+) -> None:
+    """Write the prior's neutral mesh (OBJ), a landmark render (PNG) and a JSON summary."""
+    import json
+
+    from avatar.prior.show import show_prior
+
+    summary = show_prior(spec, out)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    """Console entry point: user errors become one clear line, not a traceback."""
+    from avatar.errors import AvatarError
+
+    try:
+        app()
+    except AvatarError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

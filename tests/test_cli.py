@@ -1,0 +1,85 @@
+"""The command line: fast help, doctor report, clear errors, honest placeholders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+AVATAR = [sys.executable, "-m", "avatar.cli"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*AVATAR, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def test_help_is_fast_and_lists_commands():
+    run("--help")  # warm the bytecode cache
+    start = time.perf_counter()
+    out = run("--help")
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    for command in ("generate", "edit", "export", "preview", "import", "doctor", "prior"):
+        assert command in out.stdout
+    assert elapsed < 2.0, f"avatar --help took {elapsed:.2f}s"
+
+
+def test_doctor_json_is_valid_and_engines_have_reasons(tmp_path):
+    out = run("doctor", "--json", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["python"] == sys.version.split()[0]
+    assert report["device"]["type"] in ("cpu", "cuda")
+    for name in ("native_cpu", "native_cuda", "nvdiffrast", "tiny_cuda_nn"):
+        entry = report["engines"][name]
+        assert isinstance(entry["available"], bool)
+        assert isinstance(entry["reason"], str) and (entry["available"] or entry["reason"])
+    assert report["head_priors"]["anny"]["available"] is True
+    assert report["guidance_weights"]["tiny"]["available"] is True
+    assert report["disk"]["free_gb"] > 0
+
+
+def test_doctor_reports_disabled_native(tmp_path):
+    out = run("doctor", "--json", "--out", str(tmp_path), env={"AVATAR_NO_NATIVE": "1"})
+    entry = json.loads(out.stdout)["engines"]["native_cpu"]
+    assert entry == {"available": False, "reason": "disabled: AVATAR_NO_NATIVE=1 is set"}
+
+
+def test_doctor_human_output(tmp_path):
+    out = run("doctor", "--out", str(tmp_path))
+    assert out.returncode == 0 and "engines" in out.stdout and "native_cpu" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "  "], "the prompt is empty"),
+    (["generate", "x", "--set", "coarse.step=3"], "did you mean 'coarse.steps'"),
+    (["generate", "x", "--preset", "turbo"], "unknown preset 'turbo'"),
+    (["generate", "--prompts", "no-such-file.txt"], "prompts file no-such-file.txt does not exist"),
+    (["edit", "no-such-run", "add a hat"], "run folder no-such-run does not exist"),
+    (["export", "no-such-run"], "run folder no-such-run does not exist"),
+    (["import", "no-such-mesh.obj"], "mesh file no-such-mesh.obj does not exist"),
+])
+def test_user_errors_are_one_clear_line(args, message):
+    out = run(*args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, issue", [
+    (["generate", "an old sea captain", "--preset", "smoke", "--set", "coarse.steps=10"], 7),
+    (["import", "{mesh}"], 7),
+])
+def test_pending_commands_say_what_is_missing_and_write_nothing(args, issue, tmp_path):
+    mesh = tmp_path / "head.obj"
+    mesh.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    args = [a.replace("{mesh}", str(mesh)) for a in args] + ["--out", str(tmp_path / "outputs")]
+    out = run(*args)
+    assert out.returncode == 3
+    assert f"issue #{issue}" in out.stderr and "nothing was written" in out.stderr
+    assert not (tmp_path / "outputs").exists()

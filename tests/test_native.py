@@ -1,0 +1,108 @@
+"""The native extension builds on first use, runs, and can be switched off."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from avatar import _native
+from avatar.ops import reference
+from avatar.ops.elementwise import axpy
+from avatar.ops.engine import EngineError, resolve_engine
+
+
+def test_import_avatar_does_not_build_or_import_torch():
+    code = "import sys, avatar, avatar.cli, avatar.config; print('torch' in sys.modules, 'avatar._C' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_native_axpy_builds_and_matches_reference():
+    _native.load()  # builds on first use (cached by source hash)
+    assert _native.status().state == "built"
+    x = torch.randn(100_003, requires_grad=True)
+    y = torch.randn(100_003, requires_grad=True)
+    out = axpy(x, y, 2.5, engine="native")
+    torch.testing.assert_close(out, reference.axpy(x, y, 2.5), rtol=1e-6, atol=0)
+    out.sum().backward()
+    assert torch.all(x.grad == 2.5) and torch.all(y.grad == 1.0)
+    assert axpy(torch.empty(0), torch.empty(0), 1.0, engine="native").numel() == 0
+
+
+def test_native_checks_inputs_at_the_door():
+    _native.load()
+    with pytest.raises(RuntimeError, match="must have dtype"):
+        torch.ops.avatar.axpy(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.avatar.axpy(torch.zeros(4, 4).t(), torch.zeros(4, 4), 1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        axpy(torch.zeros(3), torch.zeros(4), 1.0)
+
+
+def test_engine_selection_errors_name_the_fix():
+    with pytest.raises(EngineError, match="unknown engine 'fast'"):
+        resolve_engine("axpy", "fast", "cpu")
+    with pytest.raises(EngineError, match="does not implement"):
+        resolve_engine("axpy", "nvdiffrast", "cpu", gpu_engines=())
+    with pytest.raises(EngineError, match="pip install"):
+        resolve_engine("rasterize", "nvdiffrast", "cpu", gpu_engines=("nvdiffrast",))
+    assert resolve_engine("axpy", "torch", "cpu") == "torch"
+
+
+def test_no_native_env_falls_back_to_reference():
+    code = (
+        "import torch, warnings\n"
+        "from avatar import _native\n"
+        "from avatar.ops.elementwise import axpy\n"
+        "from avatar.ops.engine import resolve_engine, EngineError\n"
+        "assert _native.status().state == 'disabled'\n"
+        "assert resolve_engine('axpy', 'auto', 'cpu') == 'torch'\n"
+        "x = torch.ones(3)\n"
+        "assert torch.equal(axpy(x, x, 2.0), torch.full((3,), 3.0))\n"
+        "try:\n"
+        "    resolve_engine('axpy', 'native', 'cpu')\n"
+        "except EngineError as e:\n"
+        "    print('refused:', e)\n"
+        "import sys; print('compiled' if 'avatar_C' in sys.modules or 'avatar._C' in sys.modules else 'not compiled')\n"
+    )
+    env = {**os.environ, "AVATAR_NO_NATIVE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "refused: native engine unavailable for axpy: disabled by AVATAR_NO_NATIVE=1" in out.stdout
+    assert "not compiled" in out.stdout
+
+
+def test_failed_build_is_reported_once_with_reason(tmp_path):
+    # A broken source tree in a scratch folder: the build fails, the reason names the
+    # compiler error, the failure is remembered, and a second call does not rebuild.
+    src = tmp_path / "cuda_ext"
+
+    shutil.copytree(_native.source_dir() / "include", src / "include")
+    (src / "src").mkdir()
+    (src / "src" / "broken.cpp").write_text("#include <ATen/ATen.h>\nint broken( { return 0; }\n")
+    code = (
+        "import warnings, time\n"
+        "from pathlib import Path\n"
+        "from avatar import _native\n"
+        f"_native.source_dir = lambda: Path({str(src)!r})\n"
+        "try:\n"
+        "    _native.load()\n"
+        "except _native.NativeUnavailable as e:\n"
+        "    print('first:', 'broken.cpp' in str(e))\n"
+        "t = time.time()\n"
+        "try:\n"
+        "    _native.load()\n"
+        "except _native.NativeUnavailable as e:\n"
+        "    print('second fast:', time.time() - t < 1.0)\n"
+        "print('status:', _native.status().state)\n"
+    )
+    env = {**os.environ, "AVATAR_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("AVATAR_EXT_BUILD_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "first: True" in out.stdout and "second fast: True" in out.stdout and "status: failed" in out.stdout
