@@ -1,0 +1,1 @@
+"""Rendering: head-centric cameras, volume and mesh renderers, shading, control images."""
