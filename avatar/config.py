@@ -62,8 +62,9 @@ class GuidanceConfig:
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Text-to-image model: a Hugging Face hub id, a local diffusers folder, ``tiny`` (random
     weights, plumbing only) or ``oracle:MESH`` (reconstructs MESH; for tests)."""
-    controlnet: str = "CrucibleAI/ControlNetMediaPipeFace"
-    """Landmark ControlNet (MediaPipe face): hub id or local folder; empty to disable."""
+    controlnet: str = "CrucibleAI/ControlNetMediaPipeFace/diffusion_sd15"
+    """Landmark ControlNet (MediaPipe face): hub id (``owner/name[/subfolder]``) or local folder;
+    empty to disable."""
     negative_prompt: str = "blurry, low quality, deformed, cropped, multiple faces"
     """Negative prompt used for classifier-free guidance."""
     guidance_scale: float = 100.0
@@ -80,6 +81,16 @@ class GuidanceConfig:
     """Optional textual-inversion file holding a learned back-view token."""
     view_dependent_prompt: bool = True
     """Append ``front view`` / ``side view`` / ``back view of head`` to the prompt per camera."""
+    weighting: str = "headsculpt"
+    """SDS weighting w(t): ``headsculpt`` sqrt(abar)(1 - abar), ``dreamfusion`` 1 - abar, or ``uniform``."""
+    grad_clip: float = 0.0
+    """Clamp each element of the SDS gradient to +-grad_clip (0 disables)."""
+    vae_resolution: int = 512
+    """RGB renders are resized to this before the VAE encoder (SD 1.5 is trained at 512)."""
+    channels_last: bool = False
+    """Store UNet/ControlNet weights channels-last (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """Wrap the UNet in torch.compile (slow first step, faster afterwards)."""
 
 
 @dataclass
@@ -116,6 +127,11 @@ class StageConfig:
     """Diffusion timestep range sampled for score distillation, as fractions of the schedule."""
     shading_probs: tuple[float, float, float] = (0.5, 0.3, 0.2)
     """Per-step probabilities of albedo, Lambertian and textureless shading."""
+    t_anneal: str = "none"
+    """Timestep schedule: ``none`` (uniform in t_range), ``linear`` (upper bound falls to
+    ``t_anneal_to`` over the stage) or ``sqrt`` (a decreasing t, HiFA's schedule)."""
+    t_anneal_to: float = 0.5
+    """Final upper bound of the ``linear`` schedule, as a fraction of the diffusion schedule."""
 
 
 @dataclass
@@ -190,10 +206,17 @@ class GenerateConfig(RunConfig):
 
 @dataclass
 class EditGuidanceConfig:
+    mode: str = "iesd"
+    """``iesd`` (HeadSculpt: SD 1.5 with the landmark and InstructPix2Pix ControlNets) or ``ip2p``
+    (the InstructPix2Pix UNet with image guidance)."""
     model: str = "timbrooks/instruct-pix2pix"
-    """Instruction-following model (InstructPix2Pix): hub id, local folder, ``tiny`` or ``oracle:...``."""
+    """InstructPix2Pix UNet for ``ip2p`` mode: hub id, local folder, ``tiny`` or ``oracle:...``."""
+    base_model: str = ""
+    """Text-to-image model for ``iesd``; empty uses the source run's guidance model."""
     identity_controlnet: str = "lllyasviel/control_v11e_sd15_ip2p"
     """ControlNet conditioned on the original avatar's renderings (identity term)."""
+    identity_controlnet_scale: float = 1.0
+    """Strength of the InstructPix2Pix ControlNet residuals."""
     guidance_scale: float = 7.5
     """Text guidance weight of the edit term."""
     image_guidance_scale: float = 1.5

@@ -17,13 +17,13 @@ from typing import Any
 
 from avatar.config import EditGuidanceConfig, GuidanceConfig
 
-GUIDANCE_REPOS = (
-    GuidanceConfig.model,
-    GuidanceConfig.controlnet,
-    EditGuidanceConfig.model,
-    EditGuidanceConfig.identity_controlnet,
+GUIDANCE_DEFAULTS = (
+    (GuidanceConfig.model, "text2img"),
+    (GuidanceConfig.controlnet, "landmark_controlnet"),
+    (EditGuidanceConfig.model, "ip2p"),
+    (EditGuidanceConfig.identity_controlnet, "identity_controlnet"),
 )
-"""Default guidance weights, looked up in the local Hugging Face cache."""
+"""Default guidance weights and their roles, looked up in the local Hugging Face cache."""
 
 FLAME_MODEL_FILES = ("generic_model.pkl", "FLAME_NEUTRAL.pkl")
 
@@ -93,25 +93,11 @@ def _priors() -> dict[str, Any]:
     return priors
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache (honours HF_HUB_CACHE and HF_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
 def _guidance() -> dict[str, Any]:
-    cache = hf_cache_dir()
-    found = {}
-    for repo in GUIDANCE_REPOS:
-        folder = cache / ("models--" + repo.replace("/", "--")) / "snapshots"
-        snapshots = sorted(folder.iterdir()) if folder.is_dir() else []
-        if snapshots:
-            found[repo] = _entry(True, f"cached in {folder.parent}")
-        else:
-            found[repo] = _entry(False, f"not in {cache}: huggingface-cli download {repo} (or pass --guidance DIR)")
-    found["tiny"] = _entry(True, "built in (random weights: plumbing and smoke tests only)")
+    from avatar.guidance.models import local_cache_status
+
+    found = {spec: local_cache_status(spec, role) for spec, role in GUIDANCE_DEFAULTS}
+    found["tiny"] = local_cache_status("tiny")
     return found
 
 
@@ -128,6 +114,7 @@ def collect(outputs: Path, build: bool = False) -> dict[str, Any]:
     import torch
 
     from avatar import __version__
+    from avatar.guidance.memory import memory_options_report
 
     return {
         "avatar": __version__,
@@ -138,6 +125,7 @@ def collect(outputs: Path, build: bool = False) -> dict[str, Any]:
         "engines": _engines(build),
         "head_priors": _priors(),
         "guidance_weights": _guidance(),
+        "guidance_memory": memory_options_report(),
         "disk": _disk(outputs),
     }
 
@@ -152,7 +140,7 @@ def render(report: dict[str, Any]) -> None:
     console.print(f"[bold]avatar {report['avatar']}[/]  python {report['python']}  torch {report['torch']}")
     console.print(f"device: {dev['type']} ({dev['name']})")
     for title, key in (("engines", "engines"), ("head priors", "head_priors"),
-                       ("guidance weights", "guidance_weights")):
+                       ("guidance weights", "guidance_weights"), ("guidance memory options", "guidance_memory")):
         table = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
         for name, entry in report[key].items():
             mark = "[green]yes[/]" if entry["available"] else "[yellow]no[/]"

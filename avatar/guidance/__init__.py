@@ -1,0 +1,38 @@
+"""Diffusion guidance: model loading (hub, local, tiny), score distillation with a landmark
+ControlNet, identity-aware editing score distillation (IESD), and the oracle.
+
+Modules, lowest first: :mod:`.errors`, :mod:`.tiny` (random offline models),
+:mod:`.models` (loading), :mod:`.memory` (GPU memory switches), :mod:`.prompts`
+(view prompts, embedding cache, textual inversion), :mod:`.sds` (the SDS math and the
+text-to-image noise predictor), :mod:`.iesd`, :mod:`.oracle`, and :mod:`.factory`
+(build one from the config). Importing this package is cheap: torch and diffusers
+load when a name below is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GuidanceError": "errors",
+    "WeightsUnavailableError": "errors",
+    "make_guidance": "factory",
+    "make_edit_guidance": "factory",
+    "make_oracle_guidance": "factory",
+    "ScoreDistillation": "sds",
+    "SDSOutput": "sds",
+    "TimestepSchedule": "sds",
+    "load_diffusion_model": "models",
+    "load_controlnet": "models",
+    "local_cache_status": "models",
+    "memory_options_report": "memory",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
