@@ -1,0 +1,1 @@
+"""Data files of the head prior (``anny_landmarks.json``) and the script that makes them."""
