@@ -45,6 +45,7 @@ def native_extensions():
         sources=[os.path.relpath(s, ROOT) for s in kw["sources"]],
         include_dirs=kw["extra_include_paths"],
         extra_compile_args={"cxx": kw["extra_cflags"], "nvcc": kw["extra_cuda_cflags"]},
+        extra_link_args=kw["extra_ldflags"],
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -32,6 +32,11 @@ from pathlib import Path
 from types import ModuleType
 
 EXTENSION_NAME = "avatar_C"
+# ATen's parallel_for is OpenMP inlined from its headers: without -fopenmp every
+# native loop would run on one thread. libgomp resolves to the copy torch loaded.
+CXX_FLAGS = ("-O3", "-std=c++17", "-fopenmp")
+NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr")
+LD_FLAGS = ("-fopenmp",)
 _FAILURE_FILE = "build-failed.json"
 
 
@@ -91,8 +96,7 @@ def extension_kwargs(with_cuda: bool, root: Path | None = None) -> dict:
     """Compiler flags shared by ``setup.py`` and the just-in-time build."""
     root = root or source_dir()
     assert root is not None, "cuda_ext sources not found"
-    cxx = ["-O3", "-std=c++17"]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr"]
+    cxx, nvcc = list(CXX_FLAGS), list(NVCC_FLAGS)
     if with_cuda:
         cxx.append("-DAVATAR_WITH_CUDA")
         nvcc.append("-DAVATAR_WITH_CUDA")
@@ -101,6 +105,7 @@ def extension_kwargs(with_cuda: bool, root: Path | None = None) -> dict:
         "extra_include_paths": [str(root / "include")],
         "extra_cflags": cxx,
         "extra_cuda_cflags": nvcc,
+        "extra_ldflags": list(LD_FLAGS),
     }
 
 
@@ -111,6 +116,7 @@ def source_hash(with_cuda: bool) -> str:
     root = source_dir()
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|cuda={with_cuda}".encode())
+    digest.update(repr((CXX_FLAGS, NVCC_FLAGS, LD_FLAGS)).encode())
     if root is not None:
         for path in sorted((root / "include").rglob("*")) + sources(True, root):
             if path.is_file():
