@@ -1,0 +1,1 @@
+"""Neural fields: hash-grid NeRF (coarse), DMTet geometry and texture field (fine)."""
