@@ -68,6 +68,8 @@ def generate(
     set_: Overrides = None,
 ) -> None:
     """Optimise a head from a text prompt (coarse NeRF, then fine DMTet mesh)."""
+    from dataclasses import replace
+
     from avatar.config import GenerateConfig, make_config
     from avatar.errors import AvatarError
 
@@ -76,10 +78,34 @@ def generate(
                           "(or --prompts FILE, or --resume RUN)")
     if prompts is not None and not prompts.is_file():
         raise AvatarError(f"prompts file {prompts} does not exist or is not a file")
-    make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
+    from avatar.workspace import Workspace
+
+    if resume is not None:
+        from avatar.pipeline import run_generate
+
+        ws = Workspace.open(resume)
+        cfg = ws.load_config(GenerateConfig)
+        run_generate(cfg, ws, resume=True)
+        return
+    cfg = make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
         set_, prompt=prompt, seed=seed, output_root=out,
         **{"guidance.model": guidance, "prior.spec": head_model}))
-    _pending("generate", "the coarse-to-fine generation pipeline", 7)
+    from avatar.pipeline import read_prompts, run_generate, run_prompts, validate_config
+
+    if prompts is not None:
+        prompt_list = read_prompts(prompts)
+        for text in prompt_list:
+            validate_config(replace(cfg, prompt=text))
+        summary = run_prompts(cfg, prompt_list)
+        for run in summary["runs"]:
+            status = "ok    " if run["ok"] else "FAILED"
+            typer.echo(f"{status} {run['prompt']} -> {run['run']} {run.get('error', '')}".rstrip())
+        typer.echo(f"{summary['succeeded']}/{summary['total']} prompts succeeded")
+        if summary["failed"]:
+            raise typer.Exit(code=1)
+        return
+    validate_config(cfg)  # before a run folder exists
+    run_generate(cfg, Workspace.create(cfg.output_root, cfg.prompt))
 
 
 @app.command()

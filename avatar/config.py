@@ -132,6 +132,14 @@ class StageConfig:
     ``t_anneal_to`` over the stage) or ``sqrt`` (a decreasing t, HiFA's schedule)."""
     t_anneal_to: float = 0.5
     """Final upper bound of the ``linear`` schedule, as a fraction of the diffusion schedule."""
+    n_levels: int = 16
+    """Levels of the hash-grid encoding (the NeRF in the coarse stage, the texture field in the fine)."""
+    log2_hashmap_size: int = 19
+    """log2 of the entries per hash-grid level."""
+    max_resolution: int = 2048
+    """Finest hash-grid resolution over the field cube."""
+    hidden: int = 64
+    """Width of the small MLPs."""
 
 
 @dataclass
@@ -140,6 +148,8 @@ class CoarseStageConfig(StageConfig):
     """Maximum samples per ray of the volume renderer."""
     occupancy_update_every: int = 16
     """Refresh the occupancy grid (empty-space skipping) every this many steps."""
+    occupancy_resolution: int = 128
+    """Cells per side of the occupancy grid."""
     prior_sdf_width: float = 0.005
     """Width (metres) of the smooth step turning the prior's SDF into initial density."""
     lambda_opacity: float = 1e-3
@@ -290,6 +300,15 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "fine.steps": 150,
             "fine.resolution": 64,
             "fine.dmtet_resolution": 32,
+            "coarse.n_levels": 8,
+            "coarse.log2_hashmap_size": 15,
+            "coarse.max_resolution": 256,
+            "coarse.hidden": 32,
+            "coarse.occupancy_resolution": 48,
+            "fine.n_levels": 8,
+            "fine.log2_hashmap_size": 15,
+            "fine.max_resolution": 256,
+            "fine.hidden": 32,
             "checkpoint_every": 50,
             "preview_every": 50,
             "guidance.half_precision": False,
