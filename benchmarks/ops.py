@@ -31,15 +31,17 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from peak_memory import peak_growth_mib  # noqa: E402
 
 HASHGRID = dict(n_points=1 << 18, n_levels=16, n_features=2, log2_hashmap_size=19, base_resolution=16,
                 per_level_scale=1.4472692374403782)
@@ -48,48 +50,6 @@ TARGETS = {"hashgrid": 8.0, "compositing": 5.0}
 
 
 # --- measuring inside a case process ----------------------------------------------------
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    """Return freed heap memory to the OS so that the next run's RSS growth is its own."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_mib(run, reset) -> float | None:
-    """Peak RSS growth of one call of ``run`` over the RSS before it, in MiB."""
-    reset()
-    _release_freed_memory()
-    if not _reset_peak():
-        return None
-    base = _status_kib("VmRSS")
-    run()
-    peak = _status_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return round((peak - base) / 1024, 1)
 
 
 def _measure(run, repeats: int, reset=lambda: None) -> dict:
@@ -107,7 +67,7 @@ def _measure(run, repeats: int, reset=lambda: None) -> dict:
         times.append(time.perf_counter() - start)
     result = {"ms": round(min(times) * 1e3, 2), "ms_median": round(sorted(times)[len(times) // 2] * 1e3, 2),
               "runs": len(times)}
-    peak = _peak_mib(run, reset)
+    peak = peak_growth_mib(run, reset)
     if peak is not None:
         result["peak_mem_mib"] = peak
     return result

@@ -19,11 +19,8 @@ file to print it as JSON.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import math
-import re
 import statistics
 import sys
 import time
@@ -33,8 +30,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from peak_memory import peak_growth_mib  # noqa: E402
 
 from avatar.ops import raster  # noqa: E402
 
@@ -135,31 +135,6 @@ def _scene():
     return pos, faces, attr.contiguous()
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def _peak_growth_mib(fn) -> float | None:
-    """Peak resident memory that ``fn()`` adds over the resident set before it (Linux)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    if before is None or peak is None:
-        return None
-    return round(max(0, peak - before) / 1024, 1)
-
-
 def bench_raster(native_repeats: int = 20, reference_repeats: int = 3) -> dict:
     """Native vs reference rasterise + interpolate at 512 x 512 on a ~30k-triangle head."""
     pos, faces, attr = _scene()
@@ -171,8 +146,8 @@ def bench_raster(native_repeats: int = 20, reference_repeats: int = 3) -> dict:
         native = _time_ms(lambda: _frame("native", pos, faces, attr), native_repeats)
         native_raster = _time_ms(lambda: raster.rasterize(pos, faces, RESOLUTION, engine="native"), native_repeats)
         reference = _time_ms(lambda: _frame("torch", pos, faces, attr), reference_repeats)
-        native_mib = _peak_growth_mib(lambda: _frame("native", pos, faces, attr))
-        reference_mib = _peak_growth_mib(lambda: _frame("torch", pos, faces, attr))
+        native_mib = peak_growth_mib(lambda: _frame("native", pos, faces, attr))
+        reference_mib = peak_growth_mib(lambda: _frame("torch", pos, faces, attr))
     native_step = _time_ms(lambda: _train_step("native", pos, faces, attr), max(3, native_repeats // 4))
     reference_step = _time_ms(lambda: _train_step("torch", pos, faces, attr), reference_repeats)
     speedup = reference[0] / native[0]

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from avatar.fields.frame import FieldFrame
-from avatar.fields.nerf import mlp
-from avatar.ops.hashgrid import HashGridEncoding, max_resolution_to_per_level_scale
+from avatar.fields.nerf import hash_grid, mlp
 from avatar.ops.marching_tets import cube_tetrahedra, marching_tetrahedra
 
 
@@ -57,9 +56,7 @@ class TextureField(nn.Module):
                  max_resolution: int = 2048, hidden: int = 64, engine: str = "auto"):
         super().__init__()
         self.frame = frame or FieldFrame()
-        self.encoding = HashGridEncoding(
-            n_levels=n_levels, n_features_per_level=2, log2_hashmap_size=log2_hashmap_size, base_resolution=16,
-            per_level_scale=max_resolution_to_per_level_scale(16, max_resolution, n_levels), engine=engine)
+        self.encoding = hash_grid(n_levels, log2_hashmap_size, max_resolution, engine)
         self.net = mlp(self.encoding.n_output_dims, 3, hidden, 1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,13 @@ def mlp(n_in: int, n_out: int, hidden: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def hash_grid(n_levels: int, log2_hashmap_size: int, max_resolution: int, engine: str) -> HashGridEncoding:
+    """The fields' hash grid: 2 features per level from resolution 16 up to ``max_resolution``."""
+    return HashGridEncoding(
+        n_levels=n_levels, n_features_per_level=2, log2_hashmap_size=log2_hashmap_size, base_resolution=16,
+        per_level_scale=max_resolution_to_per_level_scale(16, max_resolution, n_levels), engine=engine)
+
+
 def sample_grid(grid: torch.Tensor, points: torch.Tensor, bound: float) -> torch.Tensor:
     """Trilinear lookup of a dense (D, D, D) grid over [-bound, bound]^3 indexed [x, y, z].
 
@@ -58,9 +65,7 @@ class NeRFField(nn.Module):
                  hidden: int = 64, engine: str = "auto"):
         super().__init__()
         self.frame = frame or FieldFrame()
-        self.encoding = HashGridEncoding(
-            n_levels=n_levels, n_features_per_level=2, log2_hashmap_size=log2_hashmap_size, base_resolution=16,
-            per_level_scale=max_resolution_to_per_level_scale(16, max_resolution, n_levels), engine=engine)
+        self.encoding = hash_grid(n_levels, log2_hashmap_size, max_resolution, engine)
         self.density_net = mlp(self.encoding.n_output_dims, 1, hidden, 1)
         self.albedo_net = mlp(self.encoding.n_output_dims, 3, hidden, 1)
         self.sdf_width = sdf_width
