@@ -132,3 +132,17 @@ def test_gradients_reach_field_vertices_and_texture(cams, sphere_mesh):
     (out.opacity.mean() + out.rgb.mean()).backward()
     assert verts.grad is not None and verts.grad.abs().sum() > 0
     assert texture.weight.grad.abs().sum() > 0
+
+
+def test_learned_background_fills_empty_pixels_and_trains(cams):
+    from avatar.render.volume import BackgroundMLP
+
+    torch.manual_seed(0)
+    background = BackgroundMLP()
+    out = VolumeRenderer(SphereField(), samples_per_ray=64).render(cams[:2], background=background)
+    corner = out.rgb[:, 0, 0]
+    assert not torch.allclose(corner, torch.ones_like(corner))  # not the default white
+    out.rgb[:, :4, :4].mean().backward()
+    assert background.net[0].weight.grad.abs().sum() > 0
+    # The two cameras look in different directions, so their backgrounds differ.
+    assert (out.rgb[0, 0, 0] - out.rgb[1, 0, 0]).abs().sum() > 1e-4
