@@ -11,8 +11,7 @@ load when a name below is first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from avatar._lazy import lazy_exports
 
 _EXPORTS = {
     "GuidanceError": "errors",
@@ -31,8 +30,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

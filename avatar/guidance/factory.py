@@ -147,13 +147,9 @@ def make_guidance(cfg: Any, prompt: str, device: Any = "cpu", *, seed: int = 0,
     predictor = TextToImagePredictor(modules["unet"], prompts, cfg.guidance_scale, modules.get("controlnet"),
                                      cfg.controlnet_scale, dtype=dtype)
     resolution = _tiny.TINY_IMAGE_SIZE if tiny else _opt(cfg, "vae_resolution", 512)
-    alphas = model.scheduler.alphas_cumprod
-    return ScoreDistillation(
-        predictor, alphas, encoder=VAEEncoder(modules["vae"], resolution, dtype),
-        timesteps=_schedule(t_range, total_steps, anneal, anneal_to, len(alphas)), weighting=weighting,
-        grad_clip=grad_clip, seed=seed, device=device, kind="tiny" if tiny else "diffusion", records=records,
-        notes=notes + applied,
-    )
+    return _diffusion_sds(predictor, model, modules["vae"], resolution, dtype, tiny,
+                          _schedule(t_range, total_steps, anneal, anneal_to, len(model.scheduler.alphas_cumprod)),
+                          weighting, grad_clip, seed, device, records, notes + applied)
 
 
 def make_edit_guidance(cfg: Any, source_prompt: str, instruction: str, device: Any = "cpu", *,
@@ -251,10 +247,19 @@ def make_edit_guidance(cfg: Any, source_prompt: str, instruction: str, device: A
             edit_weight=strength, landmark_scale=inherit("controlnet_scale", 1.0),
             identity_scale=_opt(cfg, "identity_controlnet_scale", 1.0), dtype=dtype)
     resolution = _tiny.TINY_IMAGE_SIZE if tiny else inherit("vae_resolution", 512)
-    alphas = model.scheduler.alphas_cumprod
+    return _diffusion_sds(predictor, model, modules["vae"], resolution, dtype, tiny,
+                          _schedule(t_range, total_steps, anneal, anneal_to, len(model.scheduler.alphas_cumprod)),
+                          weighting, grad_clip, seed, device, records, notes + applied)
+
+
+def _diffusion_sds(predictor: Any, model: Any, vae: Any, resolution: int, dtype: Any, tiny: bool,
+                   timesteps: TimestepSchedule, weighting: str, grad_clip: float, seed: int, device: Any,
+                   records: Any, notes: list[str]) -> ScoreDistillation:
+    """The score distillation both text-to-image and editing guidance end in: the
+    model's noise schedule and its VAE as the image encoder."""
     return ScoreDistillation(
-        predictor, alphas, encoder=VAEEncoder(modules["vae"], resolution, dtype),
-        timesteps=_schedule(t_range, total_steps, anneal, anneal_to, len(alphas)), weighting=weighting,
+        predictor, model.scheduler.alphas_cumprod, encoder=VAEEncoder(vae, resolution, dtype),
+        timesteps=timesteps, weighting=weighting,
         grad_clip=grad_clip, seed=seed, device=device, kind="tiny" if tiny else "diffusion", records=records,
-        notes=notes + applied,
+        notes=notes,
     )

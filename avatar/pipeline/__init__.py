@@ -6,8 +6,7 @@ Importing this package is cheap; torch and the fields load with the modules belo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from avatar._lazy import lazy_exports
 
 _EXPORTS = {
     "GenerateError": "generate",
@@ -20,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
