@@ -15,41 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import TINY_SIZES, oracle_sphere_guidance, tiny_run_config
 
 from avatar.config import GenerateConfig, make_config
 from avatar.pipeline.generate import GenerateError, head_frame, load_final_mesh, run_generate
 from avatar.workspace import Workspace
 
-# Sizes shared by the fast tests: a tiny hash grid, tiny images, few steps.
-TINY_SIZES = [
-    "coarse.resolution=16", "coarse.samples_per_ray=24", "coarse.occupancy_update_every=2",
-    "fine.resolution=24", "fine.dmtet_resolution=12", "prior.spec=anny", "device=cpu",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def avatar_cache(tmp_path_factory):
-    """A private avatar cache that shares the user's compiled native extension, prior
-    caches and tiny models (built there once if missing), so that these tests rebuild
-    none of them (that takes minutes)."""
-    from avatar.paths import cache_dir
-
-    root = tmp_path_factory.mktemp("avatar-cache")
-    for shared in ("ext", "prior", "tiny"):
-        (root / shared).symlink_to(cache_dir(shared), target_is_directory=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AVATAR_CACHE_DIR", str(root))
-    yield
-    mp.undo()
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny runs gain nothing from threads, and on a shared 2-core machine OpenMP
-    threads waiting on each other make them many times slower."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
@@ -189,44 +161,19 @@ def test_tiny_guidance_smoke_run_leaves_a_complete_run_folder(tmp_path, one_thre
     assert float(verts[:, 1].max() - verts[:, 1].min()) == pytest.approx(0.26, abs=0.08)  # head-sized, metres
 
 
-def _oracle_sphere_guidance(cfg):
-    """An oracle whose target is a grey sphere: cheap, no mesh file, no diffusion model."""
-    import trimesh
-
-    from avatar.guidance import make_oracle_guidance
-    from avatar.render.mesh import MeshRenderer
-
-    sphere = trimesh.creation.icosphere(2, radius=0.35)
-    verts = torch.as_tensor(sphere.vertices, dtype=torch.float32)
-    faces = torch.as_tensor(sphere.faces)
-
-    def target(cameras):
-        return MeshRenderer().render(cameras, verts, faces, albedo=None).rgb
-
-    return make_oracle_guidance(target, seed=cfg.seed, t_range=tuple(cfg.coarse.t_range),
-                                total_steps=cfg.coarse.steps)
-
-
-def _resume_config(tmp_path, steps_each: int, engine: str = "torch"):
-    return make_config(GenerateConfig, "smoke", [
-        "prompt=resume", *TINY_SIZES, f"engines.hashgrid={engine}", f"coarse.steps={steps_each}",
-        f"fine.steps={steps_each}", "checkpoint_every=100", "preview_every=100", "coarse.batch_size=2",
-    ])
-
-
 @pytest.mark.parametrize("engine", ["torch", "auto"])
 @pytest.mark.parametrize("stop_after", [3, 5])
 def test_resume_is_bit_identical(tmp_path, one_thread, stop_after, engine):
     """2N straight == N, stop, resume; within the coarse stage (3) and across the hand-over
     (5), with the reference hash grid and with the default (native where built) engine."""
-    cfg = _resume_config(tmp_path, 4, engine)
+    cfg = tiny_run_config(tmp_path, 4, engine)
     straight = Workspace.create(tmp_path / "a", "straight")
-    run_generate(cfg, straight, guidance=_oracle_sphere_guidance(cfg), progress=False)
+    run_generate(cfg, straight, guidance=oracle_sphere_guidance(cfg), progress=False)
     split = Workspace.create(tmp_path / "b", "split")
-    first = run_generate(cfg, split, guidance=_oracle_sphere_guidance(cfg), progress=False, stop_after=stop_after)
+    first = run_generate(cfg, split, guidance=oracle_sphere_guidance(cfg), progress=False, stop_after=stop_after)
     assert not first["finished"] and first["step"] == stop_after
     # A new guidance object (a new process would build one): its state comes from the checkpoint.
-    second = run_generate(cfg, split, guidance=_oracle_sphere_guidance(cfg), progress=False, resume=True)
+    second = run_generate(cfg, split, guidance=oracle_sphere_guidance(cfg), progress=False, resume=True)
     assert second["finished"]
     a, b = params_of(straight), params_of(split)
     assert a.keys() == b.keys() and a
@@ -254,10 +201,10 @@ class NaNAt:
 
 
 def test_one_nan_rolls_back_halves_lr_and_continues(tmp_path, one_thread):
-    cfg = _resume_config(tmp_path, 3)
+    cfg = tiny_run_config(tmp_path, 3)
     cfg.checkpoint_every = 2
     ws = Workspace.create(tmp_path, "nan-once")
-    guidance = NaNAt(_oracle_sphere_guidance(cfg), calls={4})
+    guidance = NaNAt(oracle_sphere_guidance(cfg), calls={4})
     summary = run_generate(cfg, ws, guidance=guidance, progress=False)
     assert summary["finished"] and summary["nan_rollbacks"] == 1
     rows = ws.read_metrics()
@@ -268,10 +215,10 @@ def test_one_nan_rolls_back_halves_lr_and_continues(tmp_path, one_thread):
 
 
 def test_repeated_nan_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, one_thread):
-    cfg = _resume_config(tmp_path, 3)
+    cfg = tiny_run_config(tmp_path, 3)
     cfg.checkpoint_every = 2
     ws = Workspace.create(tmp_path, "nan-always")
-    guidance = NaNAt(_oracle_sphere_guidance(cfg), calls=range(4, 100))
+    guidance = NaNAt(oracle_sphere_guidance(cfg), calls=range(4, 100))
     with pytest.raises(GenerateError, match="again after rolling back"):
         run_generate(cfg, ws, guidance=guidance, progress=False)
     assert [p.name for p in ws.checkpoints()] == ["step-00000000.pt", "step-00000002.pt", "step-00000003.pt"]
@@ -312,15 +259,15 @@ class CtrlCAt(NaNAt):
 
 
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path, one_thread):
-    cfg = _resume_config(tmp_path, 3)
+    cfg = tiny_run_config(tmp_path, 3)
     straight = Workspace.create(tmp_path / "a", "straight")
-    run_generate(cfg, straight, guidance=_oracle_sphere_guidance(cfg), progress=False)
+    run_generate(cfg, straight, guidance=oracle_sphere_guidance(cfg), progress=False)
     ws = Workspace.create(tmp_path / "b", "interrupted")
     with pytest.raises(KeyboardInterrupt):
-        run_generate(cfg, ws, guidance=CtrlCAt(_oracle_sphere_guidance(cfg), calls={2}), progress=False)
+        run_generate(cfg, ws, guidance=CtrlCAt(oracle_sphere_guidance(cfg), calls={2}), progress=False)
     assert ws.latest_checkpoint().name == "step-00000002.pt"
     assert not (ws.root / "run.lock").exists()
-    run_generate(cfg, ws, guidance=_oracle_sphere_guidance(cfg), progress=False, resume=True)
+    run_generate(cfg, ws, guidance=oracle_sphere_guidance(cfg), progress=False, resume=True)
     a, b = params_of(straight), params_of(ws)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -328,10 +275,10 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
 @pytest.mark.parametrize("coarse_steps, fine_steps", [(0, 2), (2, 0)])
 def test_single_stage_runs_still_leave_a_mesh(tmp_path, one_thread, coarse_steps, fine_steps):
     """Fine only (DMTet from the prior's SDF) and coarse only (the mesh extracted from the density)."""
-    cfg = _resume_config(tmp_path, 1)
+    cfg = tiny_run_config(tmp_path, 1)
     cfg.coarse.steps, cfg.fine.steps = coarse_steps, fine_steps
     ws = Workspace.create(tmp_path, "one-stage")
-    summary = run_generate(cfg, ws, guidance=_oracle_sphere_guidance(cfg), progress=False)
+    summary = run_generate(cfg, ws, guidance=oracle_sphere_guidance(cfg), progress=False)
     assert summary["finished"] and summary["step"] == 2
     assert {r["stage"] for r in ws.read_metrics()} == {"fine" if fine_steps else "coarse"}
     verts, faces, _ = load_final_mesh(ws)

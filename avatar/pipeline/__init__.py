@@ -13,6 +13,9 @@ _EXPORTS = {
     "run_generate": "generate",
     "load_final_mesh": "generate",
     "validate_config": "generate",
+    "load_avatar": "artifact",
+    "LoadedAvatar": "artifact",
+    "ArtifactError": "artifact",
     "read_prompts": "batch",
     "run_prompts": "batch",
 }

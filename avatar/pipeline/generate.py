@@ -514,6 +514,13 @@ class GenerateRun:
         return control_images(cams, self.prior_landmarks, self.prior.landmark_contours, self.prior_verts,
                               self.prior_faces, closed=self.prior.closed_contours, engine=self.cfg.engines.raster)
 
+    def objective(self, out: Any, cameras: Any, local_step: int) -> tuple[torch.Tensor, dict[str, float], float]:
+        """The data term of one step: (loss, logged terms, mean timestep). Generate uses score
+        distillation conditioned on the landmark image; edit and import replace this."""
+        control = self._control(cameras)
+        sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step)
+        return sds.loss, {"sds": float(sds.loss.detach())}, float(sds.t.float().mean())
+
     def train_step(self, stage_obj: Any) -> dict[str, Any]:
         from avatar.render.cameras import sample_cameras
         from avatar.render.shading import random_light, sample_shading
@@ -530,11 +537,8 @@ class GenerateRun:
         t1 = time.perf_counter()
         if self.target is not None:
             self.target.shading, self.target.light = shading, light
-        control = self._control(cameras)
-        sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local)
+        loss, terms, t_mean = self.objective(out, cameras, local)
         t2 = time.perf_counter()
-        loss = sds.loss
-        terms = {"sds": float(sds.loss.detach())}
         for name, (weight, value) in regs.items():
             loss = loss + weight * value
             terms[name] = float(value.detach())
@@ -546,7 +550,7 @@ class GenerateRun:
         t3 = time.perf_counter()
         record: dict[str, Any] = {
             "stage": stage, "loss": float(loss.detach()), **terms, "shading": shading,
-            "t": float(sds.t.float().mean()),
+            "t": t_mean,
             **{f"lr_{g['name']}": g["lr"] for g in stage_obj.optimizer.param_groups},
             "seconds_render": round(t1 - t0, 4), "seconds_guidance": round(t2 - t1, 4),
             "seconds_backward": round(t3 - t2, 4),
@@ -568,6 +572,14 @@ class GenerateRun:
         return save_preview(path, channels, prompt=self.cfg.prompt, step=self.step)
 
     # -- the loop ----------------------------------------------------------------
+    kind = "generate"
+
+    def write_info(self) -> None:
+        """run.json of a new run (subclasses add what they record)."""
+        self.ws.write_info(self.kind, self.cfg.seed, prompt=self.cfg.prompt, prior=self.cfg.prior.spec,
+                           guidance=self.guidance.kind, guidance_records=self.guidance.records,
+                           guidance_notes=self.guidance.notes, frame=self.frame.to_dict())
+
     def _rollback(self, exc: NonFiniteLoss) -> None:
         failed_at = self.step + 1
         if self.nan_rollbacks >= 1:
@@ -594,9 +606,7 @@ class GenerateRun:
                 self.load_state_dict(ckpt["state"])
             else:
                 self.ws.save_config(self.cfg)
-                self.ws.write_info("generate", self.cfg.seed, prompt=self.cfg.prompt, guidance=self.guidance.kind,
-                                   guidance_records=self.guidance.records, guidance_notes=self.guidance.notes,
-                                   frame=self.frame.to_dict())
+                self.write_info()
                 seed_everything(self.cfg.seed)
                 self.generator.manual_seed(int(self.cfg.seed))
                 self._ensure_stage()
@@ -640,7 +650,7 @@ class GenerateRun:
             from rich.console import Console
 
             state = "finished" if summary["finished"] else f"stopped at step {self.step}/{self.total}"
-            Console(stderr=True).print(f"generate {state} in {summary['seconds']:.0f} s -> {self.ws.root}")
+            Console(stderr=True).print(f"{self.kind} {state} in {summary['seconds']:.0f} s -> {self.ws.root}")
         return summary
 
     @contextlib.contextmanager
@@ -653,7 +663,7 @@ class GenerateRun:
             task: list[Any] = []
 
             def start(step: int) -> Any:
-                task.append(prog.add_task("generate", total=self.total, completed=step,
+                task.append(prog.add_task(self.kind, total=self.total, completed=step,
                                           stage=self.stage_of(min(step, self.total - 1)), info=""))
 
                 def update(now: int, stage: str, record: dict[str, Any] | None) -> None:
