@@ -177,26 +177,41 @@ def preview(
 
 @app.command("import")
 def import_(
-    mesh: Annotated[Path, typer.Argument(help="Head mesh: GLB, OBJ or PLY (textured or vertex-coloured).")],
+    mesh: Annotated[Optional[Path], typer.Argument(help="Head mesh: GLB, OBJ or PLY (textured or "
+                                                   "vertex-coloured), +Y up, facing +Z.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="What the head is (the source prompt "
+                                                  "of later edits; default: the file name).")] = None,
     preset: Preset = "quality",
     head_model: Annotated[Optional[str], typer.Option("--head-model", help="Head prior for landmarks, "
                                                       "blendshapes and skin.")] = None,
     seed: Seed = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an import RUN from its last "
+                                                   "checkpoint.")] = None,
     config: ConfigFile = None,
     set_: Overrides = None,
 ) -> None:
     """Fit the avatar representation to an existing head mesh, so it can be edited and exported."""
     from avatar.config import GenerateConfig, make_config
     from avatar.errors import AvatarError
+    from avatar.pipeline.import_mesh import import_config, read_head_mesh, run_import
+    from avatar.workspace import Workspace
 
-    if not mesh.is_file():
-        raise AvatarError(f"mesh file {mesh} does not exist")
-    if mesh.suffix.lower() not in (".glb", ".gltf", ".obj", ".ply"):
-        raise AvatarError(f"{mesh} is not a GLB, glTF, OBJ or PLY file")
-    make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
-        set_, prompt=mesh.stem, seed=seed, output_root=out, **{"prior.spec": head_model}))
-    _pending("import", "mesh import (multi-view reconstruction)", 7)
+    if resume is not None:
+        ws = Workspace.open(resume)
+        info = ws.read_info()
+        if info.get("kind") != "import":
+            raise AvatarError(f"{resume} is not an import run (it is a '{info.get('kind')}' run)")
+        run_import(ws.load_config(GenerateConfig), info["source_mesh"], ws, resume=True)
+        return
+    if mesh is None:
+        raise AvatarError("no mesh given: avatar import HEAD.glb (or --resume RUN)")
+    read_head_mesh(mesh)
+    cfg = make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
+        set_, prompt=prompt or mesh.stem.replace("_", " "), seed=seed, output_root=out,
+        **{"prior.spec": head_model}))
+    import_config(cfg)  # before a run folder exists
+    run_import(cfg, mesh, Workspace.create(cfg.output_root, f"import-{cfg.prompt}"))
 
 
 @app.command()

@@ -30,3 +30,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One ``avatar generate "an old sea captain" --guidance tiny --preset smoke --seed 0``
+    run for the whole test session (the edit, export and CLI tests share it; it takes a few
+    minutes). Returns ``(run folder, seconds it took)``. Tests must not write into it except
+    through the commands that own their subfolders (edits/, export/)."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from avatar.cli import app
+
+    out = tmp_path_factory.mktemp("smoke-out")
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["generate", "an old sea captain", "--guidance", "tiny", "--preset", "smoke",
+                                      "--seed", "0", "--out", str(out)])
+    seconds = time.perf_counter() - started
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0], seconds

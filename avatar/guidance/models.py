@@ -19,9 +19,11 @@ receives components and never fetches them. Each loader returns a record
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +274,60 @@ def _new_record(ws: WeightsSpec, role: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Keeping loaded models for later runs of the same process (batch workers)
+
+_shared: dict[tuple[Any, ...], Any] | None = None
+"""Loaded modules by (what, kind, location, subfolder, role, dtype, device); None: not kept."""
+
+
+def keep_models_loaded() -> None:
+    """From now on, :func:`load_diffusion_model` and :func:`load_controlnet` keep the UNet, VAE,
+    scheduler and ControlNets they load and hand the same modules to later calls with the same
+    spec, role, dtype and device, for the rest of the process. A batch worker calls this once so
+    that it reads the weights once for all its prompts. The modules are shared, so callers must
+    not change them (the guidance only reads them; text encoders are never shared)."""
+    global _shared
+    if _shared is None:
+        _shared = {}
+
+
+@contextlib.contextmanager
+def models_kept_loaded() -> Iterator[None]:
+    """:func:`keep_models_loaded` for the block only (unless it was already on)."""
+    global _shared
+    was_on = _shared is not None
+    keep_models_loaded()
+    try:
+        yield
+    finally:
+        if not was_on:
+            _shared = None
+
+
+def _shared_key(what: str, ws: WeightsSpec, role: str, dtype: Any, device: Any) -> tuple[Any, ...]:
+    import torch
+
+    where = str(_tiny_path(role)) if ws.kind == "tiny" else ws.location  # the tiny models follow AVATAR_CACHE_DIR
+    return (what, ws.kind, where, ws.subfolder, role, str(dtype), str(torch.device(device)))
+
+
+def _shared_get(key: tuple[Any, ...]) -> Any:
+    if _shared is None or key not in _shared:
+        return None
+    modules = [m for m in _shared[key] if hasattr(m, "parameters")]
+    if any(hasattr(m, "_hf_hook") for m in modules):
+        # accelerate's CPU offload hooks them in place and must not be applied twice: load afresh.
+        del _shared[key]
+        return None
+    return _shared[key]
+
+
+def _shared_put(key: tuple[Any, ...], value: Any) -> None:
+    if _shared is not None:
+        _shared[key] = value
+
+
+# ---------------------------------------------------------------------------
 # Public loaders
 
 
@@ -310,11 +366,19 @@ def load_diffusion_model(spec: str, role: str = TEXT2IMG, dtype: Any = None, dev
     ws = parse_weights_spec(spec, role)
     record = _new_record(ws, role)
     config = ("config.json",)
-    unet = _load_component(UNet2DConditionModel, ws, role, "unet", config, dtype, record)
-    vae = _load_component(AutoencoderKL, ws, role, "vae", config, dtype, record)
+    key = _shared_key("diffusion", ws, role, dtype, device)
+    hit = _shared_get(key)
+    if hit is not None:
+        unet, vae, scheduler, shared_record = hit
+        record = dict(shared_record)
+    else:
+        unet = _load_component(UNet2DConditionModel, ws, role, "unet", config, dtype, record)
+        vae = _load_component(AutoencoderKL, ws, role, "vae", config, dtype, record)
+        scheduler = _load_component(DDIMScheduler, ws, role, "scheduler", ("scheduler_config.json",), None, record)
+    # The text encoder and tokenizer are always fresh: callers change them in place (textual
+    # inversion adds a token) and free the encoder once the prompts are encoded.
     text_encoder = _load_component(CLIPTextModel, ws, role, "text_encoder", config, dtype, record)
     tokenizer = _load_component(CLIPTokenizer, ws, role, "tokenizer", ("vocab.json", "tokenizer.json"), None, record)
-    scheduler = _load_component(DDIMScheduler, ws, role, "scheduler", ("scheduler_config.json",), None, record)
     want = 8 if role == INSTRUCT_PIX2PIX else 4
     if unet.config.in_channels != want:
         kind = "an InstructPix2Pix" if want == 8 else "a text-to-image"
@@ -322,6 +386,7 @@ def load_diffusion_model(spec: str, role: str = TEXT2IMG, dtype: Any = None, dev
                             f"{want}; check that the right model is given for the {_ROLE_TEXT[role][0]}")
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval().to(device)
+    _shared_put(key, (unet, vae, scheduler, dict(record)))
     return DiffusionModel(tokenizer, text_encoder, unet, vae, scheduler, record)
 
 
@@ -332,10 +397,16 @@ def load_controlnet(spec: str, role: str = LANDMARK_CONTROLNET, dtype: Any = Non
     import torch
     from diffusers import ControlNetModel
 
+    dtype = dtype or torch.float32
     ws = parse_weights_spec(spec, role)
+    key = _shared_key("controlnet", ws, role, dtype, device)
+    hit = _shared_get(key)
+    if hit is not None:
+        return hit[0], dict(hit[1])
     record = _new_record(ws, role)
-    net = _load_component(ControlNetModel, ws, role, None, ("config.json",), dtype or torch.float32, record)
+    net = _load_component(ControlNetModel, ws, role, None, ("config.json",), dtype, record)
     net.requires_grad_(False).eval().to(device)
+    _shared_put(key, (net, dict(record)))
     return net, record
 
 

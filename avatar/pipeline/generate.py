@@ -366,7 +366,7 @@ class GenerateRun:
         self.progress = progress
         self.device = resolve_device(cfg.device)
         self.prior = load_prior(cfg.prior.spec)
-        self.frame = head_frame(self.prior)
+        self.frame = self._field_frame()
         self.n_coarse, self.n_fine = cfg.coarse.steps, cfg.fine.steps
         self.total = self.n_coarse + self.n_fine
         self.generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -385,8 +385,14 @@ class GenerateRun:
         self.prior_landmarks = self.frame.to_field(self.prior.neutral_landmarks().detach().float().cpu()).to(
             self.device)
         self.last_record: dict[str, Any] = {}
+        self.shading: str = "albedo"  # the shading and light of the current step's renders
+        self.light: torch.Tensor | None = None
 
     # -- construction --------------------------------------------------------
+    def _field_frame(self) -> FieldFrame:
+        """The frame of the fields: centred on the prior (an edit keeps its source's)."""
+        return head_frame(self.prior)
+
     def _make_guidance(self) -> Any:
         from avatar.guidance import make_guidance
         from avatar.guidance.models import oracle_mesh
@@ -535,6 +541,7 @@ class GenerateRun:
         light = None if shading == "albedo" else light
         out, regs = stage_obj.render(cameras, shading, light, self.generator, local)
         t1 = time.perf_counter()
+        self.shading, self.light = shading, light  # the objective may render other things alike (edit)
         if self.target is not None:
             self.target.shading, self.target.light = shading, light
         loss, terms, t_mean = self.objective(out, cameras, local)
@@ -574,6 +581,10 @@ class GenerateRun:
     # -- the loop ----------------------------------------------------------------
     kind = "generate"
 
+    def write_config(self) -> None:
+        """config.yaml of a new run (an edit saves its own config, not the loop's)."""
+        self.ws.save_config(self.cfg)
+
     def write_info(self) -> None:
         """run.json of a new run (subclasses add what they record)."""
         self.ws.write_info(self.kind, self.cfg.seed, prompt=self.cfg.prompt, prior=self.cfg.prior.spec,
@@ -605,7 +616,7 @@ class GenerateRun:
                 ckpt = self.ws.load_checkpoint()
                 self.load_state_dict(ckpt["state"])
             else:
-                self.ws.save_config(self.cfg)
+                self.write_config()
                 self.write_info()
                 seed_everything(self.cfg.seed)
                 self.generator.manual_seed(int(self.cfg.seed))

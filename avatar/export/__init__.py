@@ -1,0 +1,34 @@
+"""Export: a finished run -> engine-ready files.
+
+``export_run`` writes ``RUN/export/avatar.glb`` (PBR texture, the head prior's
+expressions as morph targets, a neck/head/eyes skin), OBJ + MTL + PNG, PLY with
+vertex colours and, on request, a turntable MP4; ``preview_run`` writes the
+turntable and an offline ``preview.html`` viewer next to the GLB.
+
+Modules: ``mesh`` (extraction at export resolution, cleanup, decimation, normals),
+``texture`` (xatlas UVs, baking in UV space), ``rig`` (blendshape and skin-weight
+transfer), ``gltf`` (the GLB writer), ``formats`` (OBJ, PLY), ``video``
+(textured rendering, turntable), ``viewer`` (GLB reader, preview.html), ``run``
+(the two entry points). Importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+from avatar._lazy import lazy_exports
+
+_EXPORTS = {
+    "ExportError": "run",
+    "export_run": "run",
+    "preview_run": "run",
+    "validate_export_config": "run",
+    "build_export_mesh": "run",
+    "FORMATS": "run",
+    "build_glb": "gltf",
+    "read_glb": "viewer",
+    "transfer_rig": "rig",
+    "render_textured": "video",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

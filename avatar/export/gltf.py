@@ -1,0 +1,166 @@
+"""glTF 2.0 binary (GLB) writer: textured PBR mesh, morph targets and a skin (pygltflib).
+
+trimesh writes neither morph targets nor skins, so the file is assembled here,
+accessor by accessor, following the glTF 2.0 specification:
+
+- one mesh, one triangle primitive: POSITION, NORMAL, TEXCOORD_0, indices (and
+  JOINTS_0 / WEIGHTS_0 when rigged); every buffer view 4-byte aligned;
+- material ``pbrMetallicRoughness`` with metallicFactor 0, roughnessFactor as
+  configured and the baked PNG as baseColorTexture (sRGB by the spec);
+- morph targets: one dense POSITION displacement accessor per expression, with
+  min/max (required for POSITION), ``mesh.extras.targetNames`` (the de facto
+  convention read by Blender, three.js, Babylon and Godot) and zero default weights;
+- skin: a node per joint with its rest translation relative to its parent, the
+  inverse bind matrices (inverse of each joint's rest world transform) and the
+  skinned mesh node at the scene root (the spec ignores its transform);
+- +Y up, metres, the face toward +Z; no ``extensionsRequired``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from avatar.export.rig import Rig
+
+_FLOAT, _UBYTE, _USHORT, _UINT = 5126, 5121, 5123, 5125
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+_COMPONENT = {np.dtype(np.float32): _FLOAT, np.dtype(np.uint8): _UBYTE, np.dtype(np.uint16): _USHORT,
+              np.dtype(np.uint32): _UINT}
+_TYPE = {1: "SCALAR", 2: "VEC2", 3: "VEC3", 4: "VEC4", 16: "MAT4"}
+
+
+class _Builder:
+    """Packs arrays into one binary buffer and makes accessors for them."""
+
+    def __init__(self, gltf: Any):
+        self.gltf = gltf
+        self.blob = bytearray()
+
+    def view(self, data: bytes, target: int | None = None) -> int:
+        from pygltflib import BufferView
+
+        self.blob.extend(b"\0" * (-len(self.blob) % 4))
+        view = BufferView(buffer=0, byteOffset=len(self.blob), byteLength=len(data))
+        if target is not None:
+            view.target = target
+        self.blob.extend(data)
+        self.gltf.bufferViews.append(view)
+        return len(self.gltf.bufferViews) - 1
+
+    def accessor(self, array: np.ndarray, target: int | None = None, bounds: bool = False,
+                 normalized: bool = False) -> int:
+        from pygltflib import Accessor
+
+        array = np.ascontiguousarray(array)
+        width = 1 if array.ndim == 1 else int(np.prod(array.shape[1:]))
+        view = self.view(array.tobytes(), target)
+        acc = Accessor(bufferView=view, byteOffset=0, componentType=_COMPONENT[array.dtype], count=int(array.shape[0]),
+                       type=_TYPE[width])
+        if normalized:
+            acc.normalized = True
+        if bounds:
+            flat = array.reshape(array.shape[0], -1)
+            acc.min = [float(x) for x in flat.min(axis=0)]
+            acc.max = [float(x) for x in flat.max(axis=0)]
+        self.gltf.accessors.append(acc)
+        return len(self.gltf.accessors) - 1
+
+
+def build_glb(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces: np.ndarray, png: bytes,
+              roughness: float = 0.7, rig: Rig | None = None, extras: dict[str, Any] | None = None,
+              name: str = "avatar") -> bytes:
+    """A GLB file as bytes.
+
+    positions, normals: (N, 3) metres / unit vectors. uvs: (N, 2) glTF convention.
+    faces: (F, 3) indices. png: the base colour image. rig: morph targets and skin
+    for these N vertices (None: a static mesh). extras: ``asset.extras``.
+    """
+    from pygltflib import (
+        GLTF2,
+        Asset,
+        Attributes,
+        Buffer,
+        Image,
+        Material,
+        Mesh,
+        Node,
+        PbrMetallicRoughness,
+        Primitive,
+        Sampler,
+        Scene,
+        Skin,
+        Texture,
+        TextureInfo,
+    )
+
+    from avatar import __version__
+
+    gltf = GLTF2(asset=Asset(version="2.0", generator=f"avatar {__version__} (pygltflib)", extras=extras or {}))
+    b = _Builder(gltf)
+    n = len(positions)
+    pos = b.accessor(positions.astype(np.float32), _ARRAY_BUFFER, bounds=True)
+    nrm = b.accessor(normals.astype(np.float32), _ARRAY_BUFFER)
+    tex = b.accessor(uvs.astype(np.float32), _ARRAY_BUFFER)
+    index_dtype = np.uint16 if n < 65535 else np.uint32
+    idx = b.accessor(faces.reshape(-1).astype(index_dtype), _ELEMENT_ARRAY_BUFFER)
+    attrs = Attributes(POSITION=pos, NORMAL=nrm, TEXCOORD_0=tex)
+
+    image_view = b.view(png)
+    gltf.images.append(Image(bufferView=image_view, mimeType="image/png", name=f"{name}_basecolor"))
+    # LINEAR / LINEAR_MIPMAP_LINEAR, clamp to edge: charts are padded, the atlas does not tile.
+    gltf.samplers.append(Sampler(magFilter=9729, minFilter=9987, wrapS=33071, wrapT=33071))
+    gltf.textures.append(Texture(sampler=0, source=0))
+    gltf.materials.append(Material(
+        name=f"{name}_material",
+        pbrMetallicRoughness=PbrMetallicRoughness(baseColorTexture=TextureInfo(index=0, texCoord=0),
+                                                  baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=0.0,
+                                                  roughnessFactor=float(roughness)),
+        doubleSided=False, alphaMode="OPAQUE"))
+
+    primitive = Primitive(attributes=attrs, indices=idx, material=0, mode=4)
+    mesh = Mesh(name=name, primitives=[primitive])
+    mesh_node = Node(name=name, mesh=0)
+    gltf.nodes.append(mesh_node)
+    roots = [0]
+    if rig is not None:
+        primitive.targets = []
+        for target in rig.targets:
+            primitive.targets.append(Attributes(POSITION=b.accessor(target.astype(np.float32), _ARRAY_BUFFER,
+                                                                    bounds=True)))
+        mesh.weights = [0.0] * len(rig.targets)
+        mesh.extras = {"targetNames": list(rig.target_names)}
+        attrs.JOINTS_0 = b.accessor(rig.joints, _ARRAY_BUFFER)
+        attrs.WEIGHTS_0 = b.accessor(rig.weights.astype(np.float32), _ARRAY_BUFFER)
+        first_joint = len(gltf.nodes)
+        joint_nodes = []
+        for j, joint_name in enumerate(rig.joint_names):
+            parent = rig.parents[j]
+            rel = rig.joint_positions[j] - (rig.joint_positions[parent] if parent >= 0 else 0.0)
+            gltf.nodes.append(Node(name=joint_name, translation=[float(x) for x in rel], children=[]))
+            joint_nodes.append(first_joint + j)
+        for j, parent in enumerate(rig.parents):
+            if parent >= 0:
+                gltf.nodes[first_joint + parent].children.append(first_joint + j)
+        for node in gltf.nodes[first_joint:]:
+            if not node.children:
+                node.children = None
+        ibm = np.tile(np.eye(4, dtype=np.float32), (len(rig.joint_names), 1, 1))
+        ibm[:, :3, 3] = -rig.joint_positions
+        # glTF matrices are column-major: store the transpose of each row-major matrix.
+        ibm_acc = b.accessor(np.ascontiguousarray(ibm.transpose(0, 2, 1)).reshape(-1, 16))
+        root_joint = first_joint + rig.parents.index(-1)
+        gltf.skins.append(Skin(name=f"{name}_skeleton", joints=joint_nodes, inverseBindMatrices=ibm_acc,
+                               skeleton=root_joint))
+        mesh_node.skin = 0
+        roots.append(root_joint)
+    gltf.meshes.append(mesh)
+    gltf.scenes.append(Scene(name=name, nodes=roots))
+    gltf.scene = 0
+    gltf.buffers.append(Buffer(byteLength=len(b.blob)))
+    gltf.set_binary_blob(bytes(b.blob))
+    return b"".join(gltf.save_to_bytes())
+
+
+__all__ = ["build_glb"]

@@ -1,0 +1,196 @@
+"""Blendshapes and skin weights of the head prior, carried over to the exported mesh.
+
+The generated surface stays registered to the prior (its SDF started from the
+prior's and every view was steered by the prior's landmarks), so each exported
+vertex takes the attributes of its closest point on the prior's neutral surface,
+interpolated barycentrically there (the correspondence of Sumner & Popovic 2004,
+"Deformation transfer", in its simplest form). Blendshape displacements fade with
+the distance to the skin: full within ``inner`` metres, none beyond ``outer``,
+smoothstep between, so a hat a few centimetres off the scalp does not stretch
+with the brows. Skin weights do not fade (every vertex must follow some bone),
+and are cut to the 4 largest, renormalised to sum 1 (glTF's JOINTS_0/WEIGHTS_0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Rig:
+    """What the glTF writer needs to animate the head.
+
+    target_names: E expression names (the 52 ARKit names for anny).
+    targets: (E, N, 3) float32 displacements in metres per exported vertex.
+    joint_names: J names; parents: J parent indices (-1 for the root).
+    joint_positions: (J, 3) float32 rest positions in metres.
+    joints: (N, 4) uint8/uint16 joint indices; weights: (N, 4) float32 rows summing to 1.
+    distance: (N,) distance of each vertex to the prior's surface in metres.
+    """
+
+    target_names: list[str]
+    targets: np.ndarray
+    joint_names: list[str]
+    parents: list[int]
+    joint_positions: np.ndarray
+    joints: np.ndarray
+    weights: np.ndarray
+    distance: np.ndarray
+
+
+def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closest point of triangles (a, b, c) to points p, all (..., 3) (Ericson,
+    "Real-Time Collision Detection", 5.1.5). Returns the point and its barycentric
+    weights (..., 3)."""
+    ab, ac, ap = b - a, c - a, p - a
+    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
+    bp = p - b
+    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
+    cp = p - c
+    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
+    va = d3 * d6 - d5 * d4
+    vb = d5 * d2 - d1 * d6
+    vc = d1 * d4 - d3 * d2
+    eps = 1e-30
+    # Interior by default.
+    denom = (va + vb + vc).clamp_min(eps)
+    v = vb / denom
+    w = vc / denom
+    bary = torch.stack([1 - v - w, v, w], dim=-1)
+
+    def put(cond: torch.Tensor, value: torch.Tensor) -> None:
+        nonlocal bary
+        bary = torch.where(cond[..., None], value, bary)
+
+    one, zero = torch.ones_like(d1), torch.zeros_like(d1)
+    # Ericson's tests run in order with early exits; applied here in reverse, so the first wins.
+    t_bc = (d4 - d3) / ((d4 - d3) + (d5 - d6)).clamp_min(eps)
+    put((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), torch.stack([zero, 1 - t_bc, t_bc], -1))
+    t_ac = d2 / (d2 - d6).clamp_min(eps)
+    put((vb <= 0) & (d2 >= 0) & (d6 <= 0), torch.stack([1 - t_ac, zero, t_ac], -1))
+    t_ab = d1 / (d1 - d3).clamp_min(eps)
+    put((d6 >= 0) & (d5 <= d6), torch.stack([zero, zero, one], -1))
+    put((vc <= 0) & (d1 >= 0) & (d3 <= 0), torch.stack([1 - t_ab, t_ab, zero], -1))
+    put((d3 >= 0) & (d4 <= d3), torch.stack([zero, one, zero], -1))
+    put((d1 <= 0) & (d2 <= 0), torch.stack([one, zero, zero], -1))
+    point = bary[..., :1] * a + bary[..., 1:2] * b + bary[..., 2:] * c
+    return point, bary
+
+
+def closest_points(points: np.ndarray, verts: np.ndarray, faces: np.ndarray, k: int = 8
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Closest point on a triangle mesh for every query point.
+
+    Candidates are the faces around the ``k`` nearest mesh vertices (a KD-tree), which
+    finds the true closest triangle on meshes whose triangles are not much longer than
+    the gaps between vertices. Returns face index (N,), barycentric weights (N, 3) and
+    distance (N,).
+    """
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, dtype=np.float64)
+    verts = np.asarray(verts, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    # Vertex -> incident faces as a padded table.
+    order = np.argsort(faces.reshape(-1), kind="stable")
+    vert_of = faces.reshape(-1)[order]
+    face_of = order // 3
+    counts = np.bincount(vert_of, minlength=len(verts))
+    width = max(int(counts.max()), 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    table = np.full((len(verts), width), -1, dtype=np.int64)
+    rank = np.arange(len(vert_of)) - starts[vert_of]
+    table[vert_of, rank] = face_of
+    _, near = cKDTree(verts).query(points, k=min(k, len(verts)))
+    near = near.reshape(len(points), -1)
+    cand = table[near].reshape(len(points), -1)  # (N, k * width), -1 padded
+    valid = cand >= 0
+    cand_safe = np.where(valid, cand, 0)
+    out_face = np.zeros(len(points), dtype=np.int64)
+    out_bary = np.zeros((len(points), 3))
+    out_dist = np.zeros(len(points))
+    vt, ft = torch.as_tensor(verts), torch.as_tensor(faces)
+    step = max(1, 2_000_000 // max(cand.shape[1], 1))
+    for s in range(0, len(points), step):
+        sl = slice(s, s + step)
+        cf = torch.as_tensor(cand_safe[sl])
+        tri = vt[ft[cf]]  # (n, C, 3, 3)
+        p = torch.as_tensor(points[sl])[:, None, :].expand(-1, cf.shape[1], -1)
+        q, bary = closest_point_on_triangles(p, tri[:, :, 0], tri[:, :, 1], tri[:, :, 2])
+        d = (q - p).norm(dim=-1)
+        d = torch.where(torch.as_tensor(valid[sl]), d, torch.full_like(d, float("inf")))
+        best = d.argmin(dim=1)
+        rows = torch.arange(cf.shape[0])
+        out_face[sl] = cf[rows, best].numpy()
+        out_bary[sl] = bary[rows, best].numpy()
+        out_dist[sl] = d[rows, best].numpy()
+    return out_face, out_bary, out_dist
+
+
+def falloff(distance: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """1 within ``inner``, 0 beyond ``outer``, smoothstep between."""
+    t = np.clip((distance - inner) / max(outer - inner, 1e-12), 0.0, 1.0)
+    return 1.0 - t * t * (3.0 - 2.0 * t)
+
+
+def top_k_weights(weights: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest weights per row and their joint indices, renormalised to sum 1.
+
+    Unused slots (fewer than ``k`` joints, or zero weight) point at joint 0 with weight 0.
+    """
+    n, j = weights.shape
+    idx = np.argsort(-weights, axis=1, kind="stable")[:, :k]
+    w = np.take_along_axis(weights, idx, axis=1).clip(min=0.0)
+    if j < k:
+        idx = np.concatenate([idx, np.zeros((n, k - j), dtype=idx.dtype)], axis=1)
+        w = np.concatenate([w, np.zeros((n, k - j))], axis=1)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total > 0, w / np.maximum(total, 1e-30), np.eye(k)[0])
+    w[w < 1e-4] = 0.0  # below what an 8-bit engine would keep; avoids joints used with ~0 weight
+    w = w / w.sum(axis=1, keepdims=True)
+    idx = np.where(w > 0, idx, 0)
+    # Make float32 rows sum to one as exactly as float32 allows (the validator checks it).
+    w32 = w.astype(np.float32)
+    first = np.argmax(w32, axis=1)
+    rows = np.arange(n)
+    w32[rows, first] += np.float32(1.0) - w32.sum(axis=1, dtype=np.float32)
+    return idx, w32
+
+
+def transfer_rig(vertices_m: np.ndarray, prior, inner: float = 0.01, outer: float = 0.04) -> Rig:
+    """Blendshapes and skinning of ``prior`` (a :class:`~avatar.prior.head_model.HeadModel`)
+    for a mesh ``vertices_m`` (N, 3) in metres, project frame.
+
+    Each expression's target is its full effect at weight 1 on the neutral head
+    (``forward(expression={name: 1}) - template``), which also linearises pose-driven
+    controls such as FLAME's jaw, so every expression becomes one morph target.
+    """
+    with torch.no_grad():
+        template = prior.template.detach().double().cpu()
+        names = list(prior.expression_names)
+        eye = torch.eye(len(names), dtype=prior.dtype, device=prior.device)
+        deltas = []
+        for rows in eye.split(13):
+            state = prior.forward(expression=rows)
+            deltas.append(state.vertices.detach().double().cpu() - template[None])
+        deltas_t = torch.cat(deltas).numpy()  # (E, V, 3)
+        skin = prior.skin_weights.detach().double().cpu().numpy()
+        joints = prior.joint_template.detach().double().cpu().numpy()
+    faces = prior.all_faces().cpu().numpy()
+    face, bary, dist = closest_points(vertices_m, template.numpy(), faces)
+    tri = faces[face]  # (N, 3)
+    fade = falloff(dist, inner, outer)
+    targets = np.einsum("nk,enkc->enc", bary, deltas_t[:, tri]) * fade[None, :, None]
+    weights = np.einsum("nk,nkj->nj", bary, skin[tri])
+    joint_idx, joint_w = top_k_weights(weights, 4)
+    dtype = np.uint8 if len(prior.joint_names) <= 256 else np.uint16
+    return Rig(target_names=names, targets=targets.astype(np.float32), joint_names=list(prior.joint_names),
+               parents=list(prior.parents), joint_positions=joints.astype(np.float32),
+               joints=joint_idx.astype(dtype), weights=joint_w, distance=dist.astype(np.float32))
+
+
+__all__ = ["Rig", "closest_point_on_triangles", "closest_points", "falloff", "top_k_weights", "transfer_rig"]

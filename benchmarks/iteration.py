@@ -1,0 +1,240 @@
+"""Seconds per optimisation step, split into its parts, as one JSON object.
+
+    python benchmarks/iteration.py                # SD 1.5 architectures + tiny models + a smoke run's memory
+    python benchmarks/iteration.py --quick        # tiny models and a smaller fine stage only
+    python benchmarks/iteration.py --no-smoke     # skip the smoke run (peak memory)
+
+Parts of one step (issue 7), each timed on its own (wall clock, best of N after a warm-up):
+
+- ``field_render``: the stage's field queries and rendering, forward and backward
+  (coarse: hash-grid NeRF, occupancy-skipped volume rendering at 64x64, 128 samples
+  per ray; fine: DMTet marching tetrahedra + rasterisation at 512x512 + texture field);
+  the backward is of a loss on the image, the regularisers included;
+- ``vae_encode``: the VAE encoder at 512x512 (the renders are resized to it), forward
+  and backward to the image;
+- ``unet_cfg``: one UNet forward on the classifier-free-guidance batch (2 latents of
+  64x64, text embeddings 77x768), with the MediaPipe ControlNet forward on its
+  512x512 landmark image (SDS does not backpropagate through them);
+- ``rest``: the optimiser step and the landmark control image.
+
+The UNet, ControlNet and VAE are the real Stable Diffusion 1.5 architectures
+(their published configs) at random weights: their cost does not depend on the
+weights. The same parts are timed with the tiny models of ``--guidance tiny``.
+The goal (issue 7): coarse ``field_render`` at most 10% of ``unet_cfg``.
+
+``smoke_run``: peak resident memory (the child's ``ru_maxrss``) and wall time of
+``avatar generate ... --preset smoke --guidance tiny`` in a subprocess (goal: 4 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+"""stable-diffusion-v1-5's unet/config.json (the fields that differ from diffusers' defaults)."""
+
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=512,
+)
+"""stable-diffusion-v1-5's vae/config.json."""
+
+
+def best_of(fn, repeats: int) -> dict:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"best_s": round(times[0], 4), "median_s": round(times[len(times) // 2], 4), "repeats": repeats}
+
+
+# ---------------------------------------------------------------------------
+# Diffusion parts
+
+
+def diffusion_parts(unet, controlnet, vae, latent: int, image: int, text_dim: int, repeats: int) -> dict:
+    """unet_cfg (UNet + ControlNet on the CFG batch, no grad) and vae_encode (forward + backward)."""
+    x = torch.randn(2, 4, latent, latent)
+    t = torch.tensor([500, 500])
+    text = torch.randn(2, 77, text_dim)
+    cond = torch.rand(2, 3, image, image)
+
+    @torch.no_grad()
+    def unet_cfg():
+        down, mid = controlnet(x, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+        unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+             mid_block_additional_residual=mid)
+
+    def vae_encode():
+        img = torch.rand(1, 3, image, image, requires_grad=True)
+        lat = vae.encode(img * 2 - 1).latent_dist.sample()
+        lat.sum().backward()
+
+    return {"unet_cfg": best_of(unet_cfg, repeats), "vae_encode": best_of(vae_encode, repeats)}
+
+
+def sd15_models():
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    controlnet = ControlNetModel.from_unet(unet).eval()
+    vae = AutoencoderKL(**SD15_VAE).eval()
+    for m in (unet, controlnet, vae):
+        m.requires_grad_(False)
+    return unet, controlnet, vae
+
+
+def tiny_models():
+    from avatar.guidance.tiny import LANDMARK_CONTROLNET, build_tiny_components
+
+    c = build_tiny_components(0)
+    for m in (c["unet"], c["vae"], c["controlnets"][LANDMARK_CONTROLNET]):
+        m.requires_grad_(False)
+    return c["unet"], c["controlnets"][LANDMARK_CONTROLNET], c["vae"]
+
+
+# ---------------------------------------------------------------------------
+# Field + render
+
+
+def stage_parts(stage_name: str, preset: str, overrides: list[str], repeats: int) -> dict:
+    """field_render (forward + backward) and the optimiser step of one stage, with that preset's sizes."""
+    from avatar.config import GenerateConfig, make_config
+    from avatar.pipeline.generate import CoarseStage, FineStage, head_frame, load_prior
+    from avatar.render.cameras import sample_cameras
+
+    cfg = make_config(GenerateConfig, preset, ["device=cpu", "prior.spec=anny", *overrides])
+    prior = load_prior(cfg.prior.spec)
+    frame = head_frame(prior)
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    if stage_name == "coarse":
+        stage = CoarseStage(cfg, frame, prior, device)
+        stage.renderer.update_occupancy(0, generator=gen)
+    else:
+        stage = FineStage(cfg, frame, device, lambda p: prior.sdf(frame.to_metres(p)).float() * frame.scale)
+    st = getattr(cfg, stage_name)
+
+    def field_render():
+        cams = sample_cameras(1, cfg.cameras, st.resolution, gen, device)
+        out, regs = stage.render(cams, "lambertian", cams.eye, gen, 1)
+        loss = out.rgb.mean() + sum(w * v for w, v in regs.values())
+        stage.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def optimiser_step():
+        stage.optimizer.step()
+
+    field = best_of(field_render, repeats)
+    opt = best_of(optimiser_step, repeats)
+    out = {"field_render": field, "optimiser_step": opt, "resolution": st.resolution, "preset": preset}
+    if stage_name == "coarse":
+        out["samples_per_ray"] = st.samples_per_ray
+        out["occupancy"] = round(stage.occupancy.occupancy, 4)
+    else:
+        out["dmtet_resolution"] = st.dmtet_resolution
+    out["hash_grid"] = {k: getattr(st, k) for k in ("n_levels", "log2_hashmap_size", "max_resolution")}
+    return out
+
+
+def control_part(repeats: int) -> dict:
+    """The landmark control image at 512x512 (ControlNetMediaPipeFace's input size)."""
+    from avatar.pipeline.generate import head_frame, load_prior
+    from avatar.render.cameras import orbit_cameras
+    from avatar.render.control import CONTROL_RESOLUTION, control_images
+
+    prior = load_prior("anny")
+    frame = head_frame(prior)
+    verts = frame.to_field(prior.template.float())
+    landmarks = frame.to_field(prior.neutral_landmarks().float())
+    cams = orbit_cameras(1, elevation=10.0, radius=1.3, resolution=CONTROL_RESOLUTION)
+    return best_of(lambda: control_images(cams, landmarks, prior.landmark_contours, verts, prior.all_faces(),
+                                          closed=prior.closed_contours), repeats)
+
+
+# ---------------------------------------------------------------------------
+# Smoke run memory
+
+
+def smoke_run() -> dict:
+    """Peak RSS and wall time of a whole smoke run with tiny guidance, in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "avatar.cli", "generate", "an old sea captain", "--preset", "smoke",
+               "--guidance", "tiny", "--out", tmp]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seconds = time.perf_counter() - t0
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
+    return {"ok": proc.returncode == 0, "seconds": round(seconds, 1), "peak_rss_mib": round(peak_mib, 1),
+            "goal_mib": 4096, "meets_goal": proc.returncode == 0 and peak_mib <= 4096,
+            **({} if proc.returncode == 0 else {"stderr": proc.stderr[-2000:]})}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and a smaller fine stage only")
+    parser.add_argument("--no-smoke", action="store_true", help="skip the smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fine-dmtet", type=int, default=128,
+                        help="DMTet resolution of the fine case (the quality preset's 256 is a GPU size)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    torch.set_grad_enabled(True)
+    report: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads(), "cpus": os.cpu_count()}}
+
+    def log(msg: str) -> None:
+        print(f"[iteration] {msg}", file=sys.stderr, flush=True)
+
+    log("coarse stage (quality sizes: 64x64, 128 samples, L16 T19)")
+    report["coarse"] = stage_parts("coarse", "quality", [], args.repeats)
+    fine_dmtet = 64 if args.quick else args.fine_dmtet
+    log(f"fine stage (512x512, DMTet {fine_dmtet})")
+    report["fine"] = stage_parts("fine", "quality", [f"fine.dmtet_resolution={fine_dmtet}"], max(1, args.repeats - 1))
+    report["control_image"] = control_part(args.repeats)
+    log("tiny models")
+    report["tiny"] = diffusion_parts(*tiny_models(), latent=32, image=64, text_dim=32, repeats=args.repeats)
+    if not args.quick:
+        log("SD 1.5 architectures at random weights (fp32, CPU)")
+        report["sd15"] = diffusion_parts(*sd15_models(), latent=64, image=512, text_dim=768, repeats=2)
+    diff = report.get("sd15", report["tiny"])
+    unet = diff["unet_cfg"]["best_s"]
+    for stage in ("coarse", "fine"):
+        part = report[stage]
+        part["step_s"] = round(part["field_render"]["best_s"] + diff["vae_encode"]["best_s"] + unet
+                               + part["optimiser_step"]["best_s"] + report["control_image"]["best_s"], 3)
+        part["field_render_over_unet_cfg"] = round(part["field_render"]["best_s"] / unet, 4)
+    report["goal"] = {"coarse_field_render_over_unet_cfg_max": 0.10,
+                      "met": report["coarse"]["field_render_over_unet_cfg"] <= 0.10,
+                      "against": "sd15" if "sd15" in report else "tiny"}
+    if not args.no_smoke:
+        log("smoke run (tiny guidance), peak memory")
+        report["smoke_run"] = smoke_run()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
