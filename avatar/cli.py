@@ -148,17 +148,21 @@ def export_(
                                                         "or 4096.")] = None,
     no_rig: Annotated[bool, typer.Option("--no-rig", help="Static mesh: no blendshapes, no skeleton.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write to (default RUN/export).")] = None,
     config: ConfigFile = None,
     set_: Overrides = None,
 ) -> None:
     """Write RUN/export/: avatar.glb (PBR, ARKit blendshapes, skeleton), OBJ, PLY."""
     from avatar.config import ExportConfig, make_config
+    from avatar.export import export_run
     from avatar.workspace import Workspace
 
     Workspace.open(run)
-    make_config(ExportConfig, config_file=config, overrides=_overrides(
+    cfg = make_config(ExportConfig, config_file=config, overrides=_overrides(
         set_, formats=format_, faces=faces, texture_size=texture_size, rig=False if no_rig else None))
-    _pending("export", "glTF/OBJ/PLY export", 9)
+    summary = export_run(run, cfg, out_dir=out, force=force, progress=True)
+    for kind, path in summary["files"].items():
+        typer.echo(f"{kind:6s} {path}")
 
 
 @app.command()
@@ -169,10 +173,13 @@ def preview(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing preview.")] = False,
 ) -> None:
     """Write a turntable MP4 and an offline preview.html viewer next to the GLB."""
+    from avatar.export import preview_run
     from avatar.workspace import Workspace
 
     Workspace.open(run)
-    _pending("preview", "the turntable video and offline viewer", 9)
+    summary = preview_run(run, frames=frames, size=size, force=force, progress=True)
+    for kind in ("glb", "video", "html"):
+        typer.echo(f"{kind:6s} {summary[kind]}")
 
 
 @app.command("import")
@@ -212,6 +219,41 @@ def import_(
         **{"prior.spec": head_model}))
     import_config(cfg)  # before a run folder exists
     run_import(cfg, mesh, Workspace.create(cfg.output_root, f"import-{cfg.prompt}"))
+
+
+@app.command()
+def batch(
+    prompts_file: Annotated[Path, typer.Argument(help="One prompt per line (blank and # lines skipped).")],
+    edits: Annotated[Optional[Path], typer.Option("--edits", help="One edit instruction per line, applied "
+                                                  "to every avatar.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run on Ray: local, auto or a cluster address "
+                                               "(default: one after another in this process).")] = None,
+    gpus_per_avatar: Annotated[float, typer.Option("--gpus-per-avatar", help="GPUs per task on a GPU "
+                                                   "cluster.")] = 1.0,
+    preset: Preset = "quality",
+    guidance: Annotated[Optional[str], typer.Option("--guidance", help="Hub id, local diffusers folder, "
+                                                    "'tiny' or 'oracle:MESH'.")] = None,
+    export: Annotated[Optional[str], typer.Option("--export", help="Export each avatar (and edit): a comma "
+                                                  "list of glb, obj, ply, video.")] = None,
+    retries: Annotated[int, typer.Option("--retries", help="Restarts of a failed task (each resumes its "
+                                         "checkpoint).")] = 2,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Batch folder (default outputs/batch-<file "
+                                                "name>); re-running resumes it.")] = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
+) -> None:
+    """Many avatars from a prompt file, on Ray or one after another; re-running skips what is done."""
+    from avatar.pipeline.batch import run_batch
+
+    summary = run_batch(prompts_file, edits_file=edits, ray=ray, gpus_per_avatar=gpus_per_avatar, preset=preset,
+                        guidance=guidance, export_formats=export, overrides=set_ or [], output_root=out,
+                        config_file=config, retries=retries)
+    for r in summary["runs"]:
+        typer.echo(f"{r['status']:8} {r['prompt']} -> {r['run']} {r.get('error', '')}".rstrip())
+    typer.echo(f"{summary['succeeded']}/{summary['total']} done ({summary['skipped']} earlier), "
+               f"{summary['failed']} failed -> {summary['journal']}")
+    if summary["failed"]:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -270,7 +270,7 @@ class ExportConfig:
     video_frames: int = 120
     """Frames of the turntable video."""
     video_size: int = 512
-    """Turntable video size in pixels (rounded to a multiple of 16)."""
+    """Turntable video size in pixels (a multiple of 16, as video encoders want)."""
 
 
 # ---------------------------------------------------------------------------

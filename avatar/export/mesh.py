@@ -160,6 +160,29 @@ def clean_mesh(verts: np.ndarray, faces: np.ndarray, min_component_area: float =
     return v, f
 
 
+def taubin_smooth(verts: np.ndarray, faces: np.ndarray, iterations: int = 10, lamb: float = 0.5,
+                  mu: float = -0.53) -> np.ndarray:
+    """Taubin's lambda|mu smoothing (Taubin 1995, "A signal processing approach to fair surface
+    design") with uniform weights: removes the cell-sized facets marching tetrahedra leaves on
+    a trilinearly resampled SDF without shrinking the head. Returns new vertices (V, 3)."""
+    from scipy.sparse import coo_matrix, diags
+
+    if iterations <= 0 or len(faces) == 0:
+        return verts
+    n = len(verts)
+    i = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)
+    j = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+    adj = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)).tocsr()
+    adj.data[:] = 1.0  # an edge counts once whichever faces share it
+    degree = np.asarray(adj.sum(axis=1)).reshape(-1)
+    average = diags(1.0 / np.maximum(degree, 1.0)) @ adj
+    v = np.asarray(verts, dtype=np.float64).copy()
+    for _ in range(iterations):
+        v = v + lamb * (average @ v - v)
+        v = v + mu * (average @ v - v)
+    return v
+
+
 def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
     """Quadric edge-collapse decimation to about ``target_faces`` faces (fast-simplification).
 
@@ -193,4 +216,4 @@ def smooth_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["MAX_EXPORT_RESOLUTION", "choose_resolution", "clean_mesh", "decimate", "extract_surface",
-           "face_areas", "remove_unreferenced", "smooth_normals"]
+           "face_areas", "remove_unreferenced", "smooth_normals", "taubin_smooth"]

@@ -55,7 +55,7 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     va = d3 * d6 - d5 * d4
     vb = d5 * d2 - d1 * d6
     vc = d1 * d4 - d3 * d2
-    eps = 1e-30
+    eps = 1e-30 if p.dtype == torch.float64 else 1e-20
     # Interior by default.
     denom = (va + vb + vc).clamp_min(eps)
     v = vb / denom
@@ -81,54 +81,55 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return point, bary
 
 
-def closest_points(points: np.ndarray, verts: np.ndarray, faces: np.ndarray, k: int = 8
+def closest_points(points: np.ndarray, verts: np.ndarray, faces: np.ndarray, k: int = 12
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Closest point on a triangle mesh for every query point.
 
-    Candidates are the faces around the ``k`` nearest mesh vertices (a KD-tree), which
-    finds the true closest triangle on meshes whose triangles are not much longer than
-    the gaps between vertices. Returns face index (N,), barycentric weights (N, 3) and
-    distance (N,).
+    Candidate triangles are those of the ``k`` nearest of a set of surface samples
+    (KD-tree): every triangle's corners' centroid plus, for triangles larger than the
+    median, enough extra samples that sample spacing stays near the median triangle size,
+    so a big triangle (a neck cap) is found as reliably as a small one. The exact closest
+    point is then computed on each candidate. Returns face index (N,), barycentric weights
+    (N, 3) and distance (N,), computed in float32 (micrometres for a head in metres).
     """
     from scipy.spatial import cKDTree
 
     points = np.asarray(points, dtype=np.float64)
     verts = np.asarray(verts, dtype=np.float64)
     faces = np.asarray(faces, dtype=np.int64)
-    # Vertex -> incident faces as a padded table.
-    order = np.argsort(faces.reshape(-1), kind="stable")
-    vert_of = faces.reshape(-1)[order]
-    face_of = order // 3
-    counts = np.bincount(vert_of, minlength=len(verts))
-    width = max(int(counts.max()), 1)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    table = np.full((len(verts), width), -1, dtype=np.int64)
-    rank = np.arange(len(vert_of)) - starts[vert_of]
-    table[vert_of, rank] = face_of
-    _, near = cKDTree(verts).query(points, k=min(k, len(verts)))
-    near = near.reshape(len(points), -1)
-    cand = table[near].reshape(len(points), -1)  # (N, k * width), -1 padded
-    valid = cand >= 0
-    cand_safe = np.where(valid, cand, 0)
+    tri = verts[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    extra = np.minimum(np.ceil(area / max(float(np.median(area)), 1e-20)).astype(np.int64) - 1, 4096)
+    rng = np.random.default_rng(0)
+    owner = np.concatenate([np.arange(len(faces)), np.repeat(np.arange(len(faces)), extra)])
+    bary = np.concatenate([np.full((len(faces), 3), 1.0 / 3.0), _random_barycentric(rng, int(extra.sum()))])
+    samples = np.einsum("nk,nkc->nc", bary, tri[owner])
+    _, near = cKDTree(samples).query(points, k=min(k, len(samples)))
+    cand = owner[near.reshape(len(points), -1)]  # (N, k)
     out_face = np.zeros(len(points), dtype=np.int64)
     out_bary = np.zeros((len(points), 3))
     out_dist = np.zeros(len(points))
-    vt, ft = torch.as_tensor(verts), torch.as_tensor(faces)
+    vt, ft = torch.as_tensor(verts, dtype=torch.float32), torch.as_tensor(faces)
     step = max(1, 2_000_000 // max(cand.shape[1], 1))
     for s in range(0, len(points), step):
         sl = slice(s, s + step)
-        cf = torch.as_tensor(cand_safe[sl])
-        tri = vt[ft[cf]]  # (n, C, 3, 3)
-        p = torch.as_tensor(points[sl])[:, None, :].expand(-1, cf.shape[1], -1)
-        q, bary = closest_point_on_triangles(p, tri[:, :, 0], tri[:, :, 1], tri[:, :, 2])
+        cf = torch.as_tensor(cand[sl])
+        tris = vt[ft[cf]]  # (n, C, 3, 3)
+        p = torch.as_tensor(points[sl], dtype=torch.float32)[:, None, :].expand(-1, cf.shape[1], -1)
+        q, b = closest_point_on_triangles(p, tris[:, :, 0], tris[:, :, 1], tris[:, :, 2])
         d = (q - p).norm(dim=-1)
-        d = torch.where(torch.as_tensor(valid[sl]), d, torch.full_like(d, float("inf")))
         best = d.argmin(dim=1)
         rows = torch.arange(cf.shape[0])
         out_face[sl] = cf[rows, best].numpy()
-        out_bary[sl] = bary[rows, best].numpy()
+        out_bary[sl] = b[rows, best].numpy()
         out_dist[sl] = d[rows, best].numpy()
     return out_face, out_bary, out_dist
+
+
+def _random_barycentric(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 3) points uniform on a triangle (the square-root trick)."""
+    r1, r2 = np.sqrt(rng.random(n)), rng.random(n)
+    return np.stack([1 - r1, r1 * (1 - r2), r1 * r2], axis=1)
 
 
 def falloff(distance: np.ndarray, inner: float, outer: float) -> np.ndarray:

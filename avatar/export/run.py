@@ -139,7 +139,14 @@ def _timed(stats: dict[str, float], name: str, report=None) -> Iterator[None]:
 def build_export_mesh(avatar: Any, faces: int, texture_size: int, engine: str = "auto",
                       report=None) -> ExportMesh:
     """Extraction, cleanup, decimation, normals, UVs and the baked texture of a loaded avatar."""
-    from avatar.export.mesh import choose_resolution, clean_mesh, decimate, extract_surface, smooth_normals
+    from avatar.export.mesh import (
+        choose_resolution,
+        clean_mesh,
+        decimate,
+        extract_surface,
+        smooth_normals,
+        taubin_smooth,
+    )
     from avatar.export.texture import bake_texture, unwrap_uv
 
     seconds: dict[str, float] = {}
@@ -164,6 +171,8 @@ def build_export_mesh(avatar: Any, faces: int, texture_size: int, engine: str = 
                           "failed to form a head (see its previews/), run it again with another seed")
     with _timed(seconds, "clean", report):
         verts, tris = clean_mesh(verts, tris)
+        if resolution > train_res:  # resampled: smooth away the training grid's facets
+            verts = taubin_smooth(verts, tris, iterations=10)
     with _timed(seconds, "decimate", report):
         verts, tris = decimate(verts, tris, faces)
         verts, tris = clean_mesh(verts, tris, min_component_area=0.0)
@@ -249,7 +258,7 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
     names = [n for f in formats for n in FILES[f]]
     prepare_output(out, names, force)
     report = _reporter(progress)
-    with ws.lock():
+    with _run_lock(ws):
         avatar = load_avatar(ws)
         engine = str((avatar.config.get("engines") or {}).get("raster", "auto"))
         mesh = build_export_mesh(avatar, int(cfg.faces), int(cfg.texture_size), engine=engine, report=report)
@@ -304,6 +313,17 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
     return summary
 
 
+@contextmanager
+def _run_lock(ws: Any) -> Iterator[None]:
+    """Hold the run's lock while reading it (a run being written is refused with the holder
+    named); a read-only run folder (someone else's, shared) is read without one."""
+    if not os.access(ws.root, os.W_OK):
+        yield
+        return
+    with ws.lock():
+        yield
+
+
 def _index_rig(rig: Any, index: np.ndarray) -> Any:
     """The rig of the unsplit mesh, repeated for the atlas vertices."""
     return replace(rig, targets=rig.targets[:, index], joints=rig.joints[index], weights=rig.weights[index],
@@ -333,8 +353,8 @@ def preview_run(run: Any, frames: int = 120, size: int = 512, force: bool = Fals
     existing files without ``force``, or an unwritable folder.
     """
     from avatar.config import ExportConfig
-    from avatar.export.viewer import read_glb, viewer_html
     from avatar.export.video import write_turntable
+    from avatar.export.viewer import read_glb, viewer_html
     from avatar.fields.frame import FieldFrame
     from avatar.workspace import atomic_write_bytes
 

@@ -33,13 +33,37 @@ class UVAtlas:
     uvs: np.ndarray
 
 
-def unwrap_uv(verts: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 4) -> UVAtlas:
-    """Charts and packing by xatlas for a ``texture_size`` square texture with ``padding`` texels
-    between charts (what the dilation fills, so bilinear and mip-mapped lookups do not bleed)."""
-    import xatlas
+FACES_PER_PIECE = 200
+"""xatlas's chart growing slows down far faster than linearly with mesh size (minutes for
+a 50k-face head in one piece, jpcy/xatlas#36, #103), so the mesh is cut into pieces of about
+this many faces (k-means on face centres) that it charts independently and packs together."""
 
+
+def unwrap_uv(verts: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 4,
+              faces_per_piece: int = FACES_PER_PIECE) -> UVAtlas:
+    """Charts and packing by xatlas for a ``texture_size`` square texture with ``padding`` texels
+    between charts (what the dilation fills, so bilinear and mip-mapped lookups do not bleed).
+
+    The returned faces are a permutation of ``faces`` (grouped by piece), over new vertices.
+    """
+    import xatlas
+    from scipy.cluster.vq import kmeans2
+
+    verts = np.ascontiguousarray(verts, dtype=np.float32)
+    faces = np.asarray(faces, dtype=np.int64)
+    pieces = max(1, len(faces) // max(1, faces_per_piece))
+    if pieces > 1:
+        centres = verts[faces].mean(axis=1).astype(np.float64)
+        _, label = kmeans2(centres, pieces, minit="++", seed=0, iter=5)
+    else:
+        label = np.zeros(len(faces), dtype=np.int64)
     atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(verts, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
+    groups = []
+    for k in np.unique(label):
+        piece = faces[label == k]
+        used, local = np.unique(piece, return_inverse=True)
+        atlas.add_mesh(verts[used], local.reshape(-1, 3).astype(np.uint32))
+        groups.append(used)
     chart = xatlas.ChartOptions()
     pack = xatlas.PackOptions()
     pack.resolution = int(texture_size)
@@ -47,8 +71,15 @@ def unwrap_uv(verts: np.ndarray, faces: np.ndarray, texture_size: int, padding: 
     pack.bilinear = True
     pack.rotate_charts = True
     atlas.generate(chart, pack)
-    vmapping, indices, uvs = atlas[0]
-    return UVAtlas(vmapping.astype(np.int64), indices.astype(np.int64), np.clip(uvs, 0.0, 1.0).astype(np.float32))
+    vmaps, tris, coords, offset = [], [], [], 0
+    for k, used in enumerate(groups):
+        vmapping, indices, uvs = atlas.get_mesh(k)
+        vmaps.append(used[vmapping.astype(np.int64)])
+        tris.append(indices.astype(np.int64) + offset)
+        coords.append(uvs)
+        offset += len(vmapping)
+    return UVAtlas(np.concatenate(vmaps), np.concatenate(tris),
+                   np.clip(np.concatenate(coords), 0.0, 1.0).astype(np.float32))
 
 
 def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int, engine: str = "auto") -> torch.Tensor:

@@ -5,7 +5,8 @@ program in a classic ``<script>`` (ES modules do not load from ``file://``), so 
 opens by double-click with no network and no server. It parses the GLB's JSON and
 binary chunks itself, draws the mesh with its base-colour texture and a headlight,
 orbits with the mouse (drag to turn, wheel to zoom) and blends the morph targets on
-the CPU from one slider per target name. It reads only what avatar writes (one
+the CPU from one slider per target name (``preview.html#jawOpen=1`` opens with
+that weight). It reads only what avatar writes (one
 triangle primitive, float attributes, an embedded PNG); it is a preview, not a
 general glTF viewer.
 """
@@ -57,7 +58,7 @@ def read_glb(path: str | Path) -> GLBMesh:
     gltf = GLTF2().load_binary(str(path))
     blob = gltf.binary_blob()
     prim = gltf.meshes[0].primitives[0]
-    positions = read_accessor(gltf, blob, prim.attributes.POSITION).astype(np.float64)
+    positions = read_accessor(gltf, blob, prim.attributes.POSITION).astype(np.float64)  # copies
     uvs = read_accessor(gltf, blob, prim.attributes.TEXCOORD_0).astype(np.float32)
     faces = read_accessor(gltf, blob, prim.indices).astype(np.int64).reshape(-1, 3)
     texture = np.zeros((1, 1, 3), dtype=np.uint8)
@@ -66,7 +67,7 @@ def read_glb(path: str | Path) -> GLBMesh:
         image = gltf.images[gltf.textures[material.pbrMetallicRoughness.baseColorTexture.index].source]
         view = gltf.bufferViews[image.bufferView]
         start = view.byteOffset or 0
-        texture = np.asarray(Image.open(io.BytesIO(blob[start:start + view.byteLength])).convert("RGB"))
+        texture = np.array(Image.open(io.BytesIO(blob[start:start + view.byteLength])).convert("RGB"))
     names = list(((gltf.meshes[0].extras or {}).get("targetNames")) or [])
     return GLBMesh(positions, faces, uvs, texture, names, dict(gltf.asset.extras or {}))
 
@@ -250,7 +251,7 @@ _TEMPLATE = """<!DOCTYPE html>
         gl.texParameteri(gl.TEXTURE_2D, gl.TEXTURE_MAG_FILTER, gl.LINEAR);
         status.textContent = m.positions.length / 3 + " vertices, " + m.indices.length / 3 + " triangles, " +
           m.targets.length + " blendshapes";
-        draw();
+        updateMorph();
       };
       img.src = URL.createObjectURL(m.image);
     }
@@ -282,6 +283,13 @@ _TEMPLATE = """<!DOCTYPE html>
       });
       row.appendChild(label); row.appendChild(input); row.appendChild(value);
       sliders.appendChild(row); inputs.push([input, value]);
+    });
+    // "preview.html#jawOpen=1&eyeBlinkLeft=0.5" opens with those weights.
+    location.hash.replace(/^#/, "").split("&").forEach(function (pair) {
+      var kv = pair.split("="), k = m.names.indexOf(decodeURIComponent(kv[0]));
+      if (k < 0 || kv.length < 2) return;
+      weights[k] = Math.max(0, Math.min(1, parseFloat(kv[1]) || 0));
+      inputs[k][0].value = weights[k]; inputs[k][1].textContent = weights[k].toFixed(2);
     });
     document.getElementById("reset").addEventListener("click", function () {
       weights.fill(0);
@@ -327,7 +335,7 @@ _TEMPLATE = """<!DOCTYPE html>
       gl.uniformMatrix4fv(uModel, false, new Float32Array(rot));
       gl.drawElements(gl.TRIANGLES, m.indices.length, indexType, 0);
     };
-    if (!m.image) draw();
+    if (!m.image) updateMorph();
   }
 
   try { start(); } catch (err) { document.getElementById("status").textContent = "error: " + err.message; }

