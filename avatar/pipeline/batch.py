@@ -6,10 +6,11 @@ Two entry points:
   prompt, one after another; a failed prompt is recorded and the batch goes on.
 - :func:`run_batch` (``avatar batch``): a re-runnable batch. Each prompt is one *task*
   (generate, then the optional edits, then the optional export) with a fixed run folder
-  ``OUT/<index>-<slug>`` (:func:`task_folder`), so that running the same batch again finds
-  its work: ``OUT/batch.jsonl`` (:class:`BatchJournal`) lists the tasks that are done and
-  they are skipped; an unfinished run folder is resumed from its last checkpoint (bit for
-  bit as an uninterrupted run). A failed task is retried up to ``retries`` times, each
+  ``OUT/<slug>-<hash of the prompt>`` (:func:`task_folder`), so that running the same batch
+  again finds its work, even after lines were added, removed or moved in the prompts file.
+  ``OUT/batch.jsonl`` (:class:`BatchJournal`) lists the tasks that are done and they are
+  skipped; an unfinished run folder is resumed from its last checkpoint (bit for bit as an
+  uninterrupted run). A failed task is retried up to ``retries`` times, each
   retry resuming from the task's last checkpoint. With ``ray=None`` the tasks run in this
   process, one after another, without importing Ray; with ``ray="local"|"auto"|ADDRESS``
   they go to a Ray cluster (:mod:`avatar.pipeline.ray_batch`, docs/DESIGN.md "Beyond one
@@ -50,7 +51,7 @@ line of the prompts file, blank and # lines not counted) fail at generate step S
 retries and resume can be tested (also from the command line)."""
 
 FORWARDED_ENV = ("AVATAR_CACHE_DIR", "AVATAR_FLAME_DIR", "AVATAR_OUTPUTS", "HF_HOME", "HF_HUB_CACHE",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", FAIL_ENV)
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Environment variables a local Ray cluster's workers get from the driver."""
 
 
@@ -141,11 +142,16 @@ class BatchTask:
     """Test hook (:data:`FAIL_ENV`): the first attempt raises :class:`InjectedFailure` at this step."""
 
 
-def task_folder(root: str | Path, index: int, prompt: str, width: int = 3) -> Path:
-    """``root/<index>-<slug(prompt)>``: the same folder every time the batch runs."""
+def task_folder(root: str | Path, prompt: str, repeat: int = 1) -> Path:
+    """``root/<slug(prompt)>-<first 8 hex digits of the prompt's SHA-1>`` (``-2``, ``-3`` ... for
+    the second, third ... line with the same prompt): the same folder every time the batch
+    runs, wherever the prompt sits in the file. The hash tells apart prompts whose slugs agree."""
+    import hashlib
+
     from avatar.workspace import slugify
 
-    return Path(root) / f"{index:0{width}d}-{slugify(prompt)}"
+    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
+    return Path(root) / (f"{slugify(prompt)}-{digest}" + (f"-{repeat}" if repeat > 1 else ""))
 
 
 def _finished(ws: Any, total: int) -> bool:
@@ -203,8 +209,8 @@ def _generate_phase(task: BatchTask, attempt: int, guidance: Any, state: _TaskSt
     if resume_from is not None:
         cfg = ws.load_config(GenerateConfig)
         if cfg.prompt != task.prompt:
-            raise BatchError(f"{root} holds a run of the prompt '{cfg.prompt}', not '{task.prompt}' (line "
-                             f"{task.index} of the prompts file changed): pass --out to a new folder")
+            raise BatchError(f"{root} holds a run of the prompt '{cfg.prompt}', not '{task.prompt}': move it "
+                             "aside or pass --out to a new folder")
         if _finished(ws, cfg.coarse.steps + cfg.fine.steps):
             return {"generate": "already finished", "resumed_from": None}
     else:
@@ -226,23 +232,23 @@ def _generate_phase(task: BatchTask, attempt: int, guidance: Any, state: _TaskSt
     return {"generate": "resumed" if resume_from is not None else "ran", "resumed_from": resume_from}
 
 
-def _find_edit(run_root: Path, instruction: str) -> Path | None:
-    """The newest edit folder of ``run_root`` for ``instruction`` that has a checkpoint."""
+def _find_edit(run_root: Path, instruction: str) -> tuple[Path, int] | None:
+    """(folder, its steps) of the newest edit of ``run_root`` for ``instruction`` that has a
+    checkpoint (an edit stopped by a failure or a kill, or finished)."""
+    import yaml
+
     from avatar.workspace import Workspace
 
     found = []
     edits_dir = Workspace(run_root).edits_dir
     for folder in sorted(edits_dir.glob("*")) if edits_dir.is_dir() else []:
         ws = Workspace(folder)
-        info = _read_json(ws.info_path)
-        if info.get("kind") != "edit" or ws.latest_checkpoint() is None:
+        if _read_json(ws.info_path).get("kind") != "edit" or ws.latest_checkpoint() is None:
             continue
-        with contextlib.suppress(Exception):
-            import yaml
-
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
             cfg = yaml.safe_load(ws.config_path.read_text()) or {}
             if cfg.get("instruction") == instruction:
-                found.append(folder)
+                found.append((folder, int(cfg["fine"]["steps"])))
     return found[-1] if found else None
 
 
@@ -262,12 +268,12 @@ def _edit_phase(task: BatchTask, state: _TaskState) -> list[str]:
         if done and Path(done).is_dir():
             folders.append(done)
             continue
-        existing = _find_edit(Path(task.folder), instruction)
-        state.update(phase=f"edit {n}/{len(task.edits)}", phase_dir=str(existing or ""),
-                     phase_total=int(edit_cfg.fine.steps))
-        if existing is not None and _finished(Workspace(existing), int(edit_cfg.fine.steps)):
+        found = _find_edit(Path(task.folder), instruction)
+        existing, total = found if found is not None else (None, int(edit_cfg.fine.steps))
+        state.update(phase=f"edit {n}/{len(task.edits)}", phase_dir=str(existing or ""), phase_total=total)
+        if existing is not None and _finished(Workspace(existing), total):
             summary = {"run": str(existing)}
-        elif existing is not None:
+        elif existing is not None:  # resumes with the edit's own config.yaml
             summary = run_edit(None, task.folder, progress=False, resume_dir=existing)
         else:
             summary = run_edit(copy.deepcopy(edit_cfg), task.folder, progress=False)
@@ -350,8 +356,8 @@ class BatchJournal:
 
     Task lines carry ``index``, ``prompt``, ``run``, ``status`` (``done``, ``retrying``,
     ``failed``, ``stopped``), ``attempt``, ``seconds`` and, for failures, ``error``; ``event``
-    lines (``start``, ``end``) frame each invocation. A task counts as done when its last line
-    says so and its run folder still exists.
+    lines (``start``, ``end``) frame each invocation. A task (known by its run folder) counts as
+    done when its last line says so and the folder still exists.
     """
 
     def __init__(self, root: Path):
@@ -368,13 +374,14 @@ class BatchJournal:
                     out.append(record)
         return out
 
-    def done(self) -> dict[tuple[int, str], dict[str, Any]]:
-        """``(index, prompt) -> last record`` of the tasks whose last record is ``done``."""
-        last: dict[tuple[int, str], dict[str, Any]] = {}
+    def done(self) -> dict[str, dict[str, Any]]:
+        """``run folder name -> last record`` of the tasks whose last record is ``done`` (by name,
+        so a batch folder reached by another path, or moved, still resumes)."""
+        last: dict[str, dict[str, Any]] = {}
         for record in self.records():
-            if "status" in record and "index" in record:
-                last[(int(record["index"]), str(record.get("prompt")))] = record
-        return {key: r for key, r in last.items() if r["status"] == "done" and Path(str(r.get("run"))).is_dir()}
+            if "status" in record and "run" in record:
+                last[Path(str(record["run"])).name] = record
+        return {name: r for name, r in last.items() if r["status"] == "done" and (self.path.parent / name).is_dir()}
 
     def append(self, record: dict[str, Any]) -> None:
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
@@ -450,7 +457,7 @@ class BatchProgress:
 
     def eta(self) -> float | None:
         c = self.counts()
-        per_task = list(self.seconds.values())
+        per_task = [self.seconds[i] for i, s in self.status.items() if s == "done" and i in self.seconds]
         for index, s in self.status.items():
             if s == "running" and index in self.started:
                 _, step, total = self._step(self.tasks[index])
@@ -464,14 +471,16 @@ class BatchProgress:
         return (mean * (c["queued"] + c["retrying"]) + running_left) / self.workers
 
     def __rich__(self) -> Any:
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         c = self.counts()
         eta = self.eta()
         title = (f"batch: {c['done'] + c['skipped']}/{len(self.tasks)} done ({c['skipped']} earlier), "
                  f"{c['running']} running, {c['failed']} failed, {c['queued'] + c['retrying']} queued  "
                  f"elapsed {time.time() - self.t0:.0f} s  ETA {'?' if eta is None else f'{eta:.0f} s'}")
-        table = Table(title=title, title_justify="left", expand=False)
+        table = Table(expand=False)
         for name in ("#", "prompt", "status", "try", "progress", "s"):
             table.add_column(name, justify="right" if name in ("#", "try", "s") else "left")
         for index, task in self.tasks.items():
@@ -487,7 +496,7 @@ class BatchProgress:
             table.add_row(str(index), task.prompt[:48], f"[{style}]{s}[/]" if style else s,
                           str(self.attempt.get(index, "")), progress,
                           "" if seconds is None else f"{seconds:.0f}")
-        return table
+        return Group(Text(title, style="bold"), table)
 
 
 # ---------------------------------------------------------------------------
@@ -560,19 +569,23 @@ def plan_batch(prompts_file: str | Path, *, edits_file: str | Path | None = None
         fmt = [f"formats={','.join(f.strip() for f in formats if f.strip())}"] if formats else []
         export_cfg = make_config(ExportConfig, overrides=[*fmt, *export_over])
         _export_function()  # fail now, not after hours of generation
+        with contextlib.suppress(ImportError):
+            from avatar.export import validate_export_config
+
+            validate_export_config(export_cfg)
     if instructions:
         try:
             import avatar.pipeline.edit  # noqa: F401
         except ImportError as exc:  # pragma: no cover
             raise BatchError(f"--edits needs avatar.pipeline.edit, which this avatar lacks ({exc})") from exc
     fail_at = {**parse_fail_hook(os.environ.get(FAIL_ENV)), **(fail_at or {})}
-    width = max(3, len(str(len(prompts))))
-    tasks = []
+    tasks: list[BatchTask] = []
     for index, prompt in enumerate(prompts, 1):
         cfg = dataclasses.replace(gen_cfg, prompt=prompt)
         validate_config(cfg)
-        tasks.append(BatchTask(index, prompt, str(task_folder(root, index, prompt, width)), cfg, edit_cfgs,
-                               export_cfg, fail_at.get(index)))
+        repeat = 1 + sum(t.prompt == prompt for t in tasks)
+        tasks.append(BatchTask(index, prompt, str(task_folder(root, prompt, repeat)), cfg, edit_cfgs, export_cfg,
+                               fail_at.get(index)))
     return root, tasks
 
 
@@ -614,7 +627,7 @@ def run_batch(prompts_file: str | Path, *, edits_file: str | Path | None = None,
     root.mkdir(parents=True, exist_ok=True)
     journal = BatchJournal(root)
     done = journal.done()
-    skipped = {t.index for t in tasks if (t.index, t.prompt) in done}
+    skipped = {t.index for t in tasks if Path(t.folder).name in done}
     todo = [t for t in tasks if t.index not in skipped]
     started = time.time()
     mode = "sequential" if ray is None else f"ray:{ray}"
@@ -629,7 +642,8 @@ def run_batch(prompts_file: str | Path, *, edits_file: str | Path | None = None,
         results, workers = run_on_ray(todo, tasks, skipped, journal, ray=ray, gpus_per_avatar=gpus_per_avatar,
                                       cpus_per_avatar=cpus_per_avatar, retries=retries, progress=progress,
                                       stop_after_tasks=stop_after_tasks)
-    runs = [({**done[(t.index, t.prompt)], "status": "skipped"} if t.index in skipped
+    runs = [({**done[Path(t.folder).name], "index": t.index, "run": t.folder, "status": "skipped"}
+             if t.index in skipped
              else results.get(t.index, {"index": t.index, "prompt": t.prompt, "run": t.folder, "status": "queued"}))
             for t in tasks]
     summary = {

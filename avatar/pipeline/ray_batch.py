@@ -168,8 +168,7 @@ def run_on_ray(todo: list[BatchTask], tasks: list[BatchTask], skipped: set[int],
                         ended += 1
                         continue
                     final = attempt > retries
-                    record = {**{k: v for k, v in record.items() if k != "traceback"},
-                              "status": "failed" if final else "retrying"}
+                    record = {**record, "status": "failed" if final else "retrying"}  # with the worker's traceback
                     journal.append(record)
                     table.set(task.index, record["status"], attempt, record["seconds"])
                     if final:
