@@ -217,7 +217,7 @@ def import_(
     cfg = make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
         set_, prompt=prompt or mesh.stem.replace("_", " "), seed=seed, output_root=out,
         **{"prior.spec": head_model}))
-    import_config(cfg)  # before a run folder exists
+    import_config(cfg)  # validates, before a run folder exists
     run_import(cfg, mesh, Workspace.create(cfg.output_root, f"import-{cfg.prompt}"))
 
 

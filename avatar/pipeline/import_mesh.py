@@ -13,8 +13,11 @@ cameras with the step's shading and compares:
   the SDF and the vertex offsets);
 - normals: ``1 - cos`` between the rendered unit normals where both masks cover.
 
-The fine stage starts from the head prior's SDF (as fine-only generate runs do),
-so an open mesh (a scan cut at the neck) imports as well as a closed one.
+The fine stage starts from the mesh's own signed distance when every part of it is
+closed (reconstruction then refines the surface on the tetrahedral grid and fits
+the texture), and from the head prior's SDF otherwise (as fine-only generate runs
+do), so an open mesh (a scan cut at the neck) imports too: there the
+reconstruction moves the prior's surface onto the mesh.
 
 The mesh is read as a head in glTF's convention: +Y up, face toward +Z. It is
 moved into the prior's frame: centred on the prior's bounding box and scaled
@@ -37,6 +40,14 @@ from avatar.errors import AvatarError
 from avatar.pipeline.generate import GenerateRun, MeshTarget, validate_config
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
+
+INITS = ("auto", "prior")
+"""Where the fine stage starts: ``auto`` = the mesh's own SDF when it is closed, else the prior's."""
+
+REGULARISER_SCALE = 0.01
+"""Import's factor on ``fine.lambda_laplacian`` and ``fine.lambda_normal``: their values are
+tuned against score distillation, and at full weight they pull the surface off a mesh that
+the direct reconstruction terms could match (the fitted IoU drops below the starting SDF's)."""
 
 TARGET_NAME = "import-target.ply"
 """The imported mesh, moved into the prior's frame, kept in the run folder."""
@@ -106,13 +117,27 @@ class ReconstructionGuidance:
         pass
 
 
+def closed_mesh_sdf(mesh: Any) -> Any | None:
+    """The SDF grid (metres) of a mesh whose every component is closed, else None (an open scan)."""
+    from avatar.prior.sdf import cached_sdf_grid
+
+    merged = mesh.copy()
+    merged.merge_vertices()
+    if len(merged.faces) == 0 or not merged.is_watertight:
+        return None
+    return cached_sdf_grid(np.asarray(merged.vertices), np.asarray(merged.faces))
+
+
 class ImportRun(GenerateRun):
     """A fine-stage-only run fitted to a mesh (see the module docstring)."""
 
     kind = "import"
 
-    def __init__(self, cfg: Any, workspace: Any, mesh_path: str | Path, progress: bool = True):
+    def __init__(self, cfg: Any, workspace: Any, mesh_path: str | Path, progress: bool = True, init: str = "auto"):
+        if init not in INITS:
+            raise ImportError_(f"unknown init '{init}': choose one of {', '.join(INITS)}")
         self.mesh_path = Path(mesh_path).expanduser().resolve()
+        self.init = init
         super().__init__(cfg, workspace, guidance=None, progress=progress)
         self.use_control = False
 
@@ -129,7 +154,19 @@ class ImportRun(GenerateRun):
                     mesh.visual = mesh.visual.to_color()
             mesh.export(target_path)
         self.target = MeshTarget(target_path, self.frame, self.cfg.engines.raster, self.device)
-        return ReconstructionGuidance(self.mesh_path, transform)
+        guidance = ReconstructionGuidance(self.mesh_path, transform)
+        self._target_sdf = None if self.init == "prior" else closed_mesh_sdf(read_head_mesh(target_path))
+        guidance.records["mesh"]["init"] = "prior" if self._target_sdf is None else "mesh"
+        return guidance
+
+    def _fine_sdf_init(self) -> Any:
+        """A closed mesh starts the fine stage from its own SDF (reconstruction then refines the
+        surface and fits the texture); an open one from the prior's."""
+        grid = self._target_sdf
+        if grid is None:
+            return super()._fine_sdf_init()
+        frame = self.frame
+        return lambda p: grid.lookup(frame.to_metres(p.cpu().double())).float() * frame.scale
 
     def write_info(self) -> None:
         self.ws.write_info(self.kind, self.cfg.seed, prompt=self.cfg.prompt, prior=self.cfg.prior.spec,
@@ -153,24 +190,32 @@ class ImportRun(GenerateRun):
 
 
 def import_config(cfg: Any) -> Any:
-    """The config an import runs with: the fine stage only (coarse.steps = 0)."""
-    cfg.coarse.steps = 0
-    if cfg.fine.steps < 1:
-        raise ImportError_(f"fine.steps must be >= 1 for an import, got {cfg.fine.steps}")
-    validate_config(cfg)
-    return cfg
+    """The config an import runs with (a new object; ``cfg`` is not changed): the fine stage
+    only (coarse.steps = 0), and the mesh regularisers scaled by :data:`REGULARISER_SCALE`."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.coarse.steps = 0
+    if out.fine.steps < 1:
+        raise ImportError_(f"fine.steps must be >= 1 for an import, got {out.fine.steps}")
+    out.fine.lambda_laplacian *= REGULARISER_SCALE
+    out.fine.lambda_normal *= REGULARISER_SCALE
+    validate_config(out)
+    return out
 
 
 def run_import(cfg: Any, mesh_path: str | Path, workspace: Any, progress: bool = True,
-               stop_after: int | None = None, resume: bool = False) -> dict[str, Any]:
+               stop_after: int | None = None, resume: bool = False, init: str = "auto") -> dict[str, Any]:
     """Fit a run folder's avatar to ``mesh_path`` (see the module docstring).
 
-    cfg: a :class:`~avatar.config.GenerateConfig` (its coarse stage is skipped; ``prompt``
-    describes the head for later edits). Resume with ``resume=True`` on the same folder.
+    cfg: a :class:`~avatar.config.GenerateConfig`, made into the import's by :func:`import_config`
+    (``prompt`` describes the head for later edits). Resume with ``resume=True`` on the same
+    folder and its saved config. init: ``auto`` or ``prior`` (:data:`INITS`).
     """
-    if not resume:
+    if not resume:  # a resumed run's config.yaml is already the import's
         read_head_mesh(mesh_path)  # fail on a bad file before anything is written
-    return ImportRun(import_config(cfg), workspace, mesh_path, progress=progress).run(resume=resume,
+        cfg = import_config(cfg)
+    return ImportRun(cfg, workspace, mesh_path, progress=progress, init=init).run(resume=resume,
                                                                                      stop_after=stop_after)
 
 
