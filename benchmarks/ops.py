@@ -12,9 +12,12 @@ Cases (issue 4's sizes):
 - raster: ``bench_raster()`` from ``benchmarks/raster_bench.py`` when that file exists.
 
 Method: every case runs in a fresh subprocess (so one case's allocations cannot
-hide another's), with torch's default thread count. Time: wall clock, the best
-of N runs after one warm-up run (the minimum is the figure least disturbed by
-other processes on a shared machine; the median is given too). Memory: one more
+hide another's), each engine with the same thread count (``--threads``, default
+torch's default) and the same number of runs. Time: wall clock, the best of N
+runs after one warm-up run (the minimum is the figure least disturbed by other
+processes on a shared machine; the median is given too). Both engines of a case
+get the same N: a best-of-N minimum falls as N grows, so unequal N would favour
+the engine timed more often. Memory: one more
 run after freed heap memory went back to the OS (malloc_trim); the growth of the
 process's peak resident set (VmHWM in /proc/self/status, reset through
 /proc/self/clear_refs) over the resident set before that run, i.e. everything
@@ -47,6 +50,7 @@ HASHGRID = dict(n_points=1 << 18, n_levels=16, n_features=2, log2_hashmap_size=1
                 per_level_scale=1.4472692374403782)
 COMPOSITING = dict(n_rays=4096, samples_per_ray=128, channels=3, transmittance_threshold=1e-4)
 TARGETS = {"hashgrid": 8.0, "compositing": 5.0}
+RASTER_REPEATS = 5
 
 
 # --- measuring inside a case process ----------------------------------------------------
@@ -140,9 +144,11 @@ def _case_compositing(engine: str, repeats: int) -> dict:
             "forward_backward": _measure(forward_backward, repeats, reset)}
 
 
-def _run_case(name: str, repeats: int) -> dict:
+def _run_case(name: str, repeats: int, threads: int) -> dict:
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     op, engine = name.rsplit(":", 1)
     if op == "hashgrid":
         result = _case_hashgrid(engine, False, repeats)
@@ -159,8 +165,9 @@ def _run_case(name: str, repeats: int) -> dict:
 # --- the driver -----------------------------------------------------------------------------
 
 
-def _subprocess_case(name: str, repeats: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--repeats", str(repeats)]
+def _subprocess_case(name: str, repeats: int, threads: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--repeats", str(repeats),
+           "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -183,7 +190,8 @@ def _bench_raster() -> dict:
         module = importlib.util.module_from_spec(spec)
         assert spec.loader is not None
         spec.loader.exec_module(module)
-        return module.bench_raster()
+        # The same number of timed frames for both engines (best of N favours the larger N).
+        return module.bench_raster(native_repeats=RASTER_REPEATS, reference_repeats=RASTER_REPEATS)
     except Exception as exc:  # report, do not lose the other figures
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -193,9 +201,11 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a rougher figure, faster)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for every case and engine (default: torch's default)")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(_run_case(args.case, max(1, args.repeats))))
+        print(json.dumps(_run_case(args.case, max(1, args.repeats), args.threads)))
         return
 
     started = time.perf_counter()
@@ -208,12 +218,17 @@ def main() -> None:
 
     log("building/loading the native extension")
     native_ok = _native.available()
-    fast, slow = (3, 1) if args.quick else (7, 2)
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
+    # Runs per engine, the same for both engines of a case: many for the fast
+    # compositing case, fewer for the hash grid (the reference takes seconds per run).
+    runs = {"compositing": 3 if args.quick else 7, "hashgrid": 1 if args.quick else 3,
+            "hashgrid_point_grad": 1 if args.quick else 2}
     report: dict = {
-        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
                     "python": platform.python_version(), "native": native_ok},
         "method": {
-            "time": "wall clock, best of N runs after one warm-up; ms_median also given",
+            "time": "wall clock, best of N runs after one warm-up (same N and threads for both engines); "
+                    "ms_median also given",
             "memory": "peak RSS growth during one run over the RSS before it (after malloc_trim; VmHWM "
                       "reset via /proc/self/clear_refs), fresh subprocess per case, MiB",
             "speedup": "reference ms / native ms",
@@ -228,11 +243,8 @@ def main() -> None:
         entry: dict = {"config": config}
         engines = ("native", "torch") if native_ok else ("torch",)
         for engine in engines:
-            repeats = fast if engine == "native" or op == "compositing" else slow
-            if op == "hashgrid_point_grad" and engine == "torch":
-                repeats = 1 if args.quick else slow
             log(f"{op} / {engine}")
-            entry[engine] = _subprocess_case(f"{op}:{engine}", repeats)
+            entry[engine] = _subprocess_case(f"{op}:{engine}", runs[op], threads)
         if native_ok:
             if "forward" in entry["native"]:
                 entry["speedup_forward"] = _ratio(entry["torch"], entry["native"], "forward")

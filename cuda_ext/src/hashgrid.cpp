@@ -4,10 +4,13 @@
 // CPU strategy (details at each loop):
 // - forward: tasks of (level, chunk of points), finest level first, into a
 //   level-major scratch that is transposed at the end;
+// - backward: the upstream gradient is first transposed to the same level-major
+//   layout, so every level reads its slice contiguously;
 // - backward to the table: one task per level. Levels own disjoint row ranges,
 //   so accumulation is race-free without atomics or per-thread table copies,
 //   and bitwise deterministic for any thread count;
-// - backward to the points: tasks of chunks of points, all levels each.
+// - backward to the points: tasks of chunks of points, all levels each;
+// - large outputs and scratch buffers ask for transparent huge pages.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,8 +18,11 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
-#include <memory>
 #include <tuple>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "avatar/checks.h"
 #include "avatar/hashgrid.h"
@@ -91,6 +97,38 @@ void check_inputs(const at::Tensor& points, const at::Tensor& table) {
   } else {
     TORCH_CHECK(tt == pt, "hashgrid: table dtype (", tt, ") must match points dtype (", pt, ")");
   }
+}
+
+// The big buffers of a call (the (N, L*F) output, the level-major scratch, the
+// table gradient: ~140 MiB per forward+backward at 2^18 points, L=16, F=2, T=19)
+// are fresh memory, faulted in on first touch: with 4 KiB pages, one page fault
+// per 4 KiB, a large share of the call's time (more in a VM), and the rows
+// scattered over a level's slice miss the TLB. Asking for transparent huge pages
+// on the 2 MiB-aligned interior makes it one fault per 2 MiB; torch's own CPU
+// allocator does the same under THP_MEM_ALLOC_ENABLE=1.
+// It is advice: results never depend on it, and where THP is off (or not Linux)
+// nothing changes. Buffers below kHugePageMinBytes are left alone, as they may
+// share heap pages with other allocations.
+constexpr int64_t kHugePageBytes = int64_t(2) << 20;
+constexpr int64_t kHugePageMinBytes = int64_t(8) << 20;
+
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = static_cast<int64_t>(t.nbytes());
+  if (!t.is_cpu() || bytes < kHugePageMinBytes) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (start + kHugePageBytes - 1) & ~uintptr_t(kHugePageBytes - 1);
+  const uintptr_t last = (start + bytes) & ~uintptr_t(kHugePageBytes - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  return t;
 }
 
 template <typename Fn>
@@ -186,11 +224,10 @@ void run_tasks(int64_t n_tasks, Task&& task) {
 // outputs contiguously into a level-major scratch (L, N, F), which is then
 // transposed to the (N, L*F) result in cache-sized tiles.
 template <int F, typename T>
-void forward_cpu(const T* points, const T* table, T* out, int64_t n, const HashGridLevels& lv) {
+void forward_cpu(const T* points, const T* table, T* out, T* level_major, int64_t n,
+                 const HashGridLevels& lv) {
   const int n_levels = lv.n_levels;
   const int64_t chunks = (n + kTaskPoints - 1) / kTaskPoints;
-  std::unique_ptr<T[]> scratch(new T[static_cast<size_t>(n * n_levels * F)]);
-  T* level_major = scratch.get();
   run_tasks(n_levels * chunks, [&](int64_t k) {
     const int l = n_levels - 1 - static_cast<int>(k / chunks);
     const int64_t begin = (k % chunks) * kTaskPoints;
@@ -217,23 +254,46 @@ void forward_cpu(const T* points, const T* table, T* out, int64_t n, const HashG
   });
 }
 
+// grad_out (N, L*F) to the level-major (L, N, F) layout the level loops read:
+// a level's pass then streams its own N*F values instead of pulling one cache
+// line per point (for L=16, F=2: 64 bytes read for 8 used, on every level).
+template <int F, typename T>
+void to_level_major(const T* grad_out, T* level_major, int64_t n, int n_levels) {
+  const int64_t stride = static_cast<int64_t>(n_levels) * F;
+  constexpr int64_t kTile = 256;
+  at::parallel_for(0, (n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kTile;
+      const int64_t i1 = std::min(n, i0 + kTile);
+      for (int l = 0; l < n_levels; ++l) {
+        T* dst = level_major + static_cast<int64_t>(l) * n * F;
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int f = 0; f < F; ++f) dst[i * F + f] = grad_out[i * stride + l * F + f];
+        }
+      }
+    }
+  });
+}
+
 // Backward to the table. Levels own disjoint row ranges, so each level is one
 // task: accumulated by one thread, in point order. No atomics, no per-thread
 // copies of the table, and bitwise the same result for any thread count.
+// grad_lm: the upstream gradient, level-major (L, N, F).
 template <int F, typename T>
-void backward_table_cpu(const T* grad_out, const T* points, T* grad_table, int64_t n,
+void backward_table_cpu(const T* grad_lm, const T* points, T* grad_table, int64_t n,
                         const HashGridLevels& lv) {
   const int n_levels = lv.n_levels;
-  const int64_t stride = static_cast<int64_t>(n_levels) * F;
   run_tasks(n_levels, [&](int64_t k) {
     const int l = n_levels - 1 - static_cast<int>(k);
     // The worker zeroes its own level's rows (the caller passes uninitialised
     // memory), so the slice is faulted in and hot in cache when accumulation starts.
     std::fill(grad_table + static_cast<int64_t>(lv.offset[l]) * F,
               grad_table + static_cast<int64_t>(lv.offset[l + 1]) * F, T(0));
+    const T* grad_level = grad_lm + static_cast<int64_t>(l) * n * F;
     for_each_corners<F, true>(points, 0, n, lv, l, static_cast<const T*>(grad_table),
                               [&](int64_t i, const HashGridCorners<T>& c) {
-                                const T* g = grad_out + i * stride + l * F;
+                                T g[F];
+                                for (int f = 0; f < F; ++f) g[f] = grad_level[i * F + f];
                                 for (int corner = 0; corner < 8; ++corner) {
                                   T* dst = grad_table + static_cast<int64_t>(c.row[corner]) * F;
                                   const T w = c.weight[corner];
@@ -244,12 +304,11 @@ void backward_table_cpu(const T* grad_out, const T* points, T* grad_table, int64
 }
 
 // Backward to the points: a sum over levels per point, so tasks are chunks of
-// points, each walking the levels in turn.
+// points, each walking the levels in turn. grad_lm: level-major (L, N, F).
 template <int F, typename T>
-void backward_points_cpu(const T* grad_out, const T* points, const T* table, T* grad_points,
+void backward_points_cpu(const T* grad_lm, const T* points, const T* table, T* grad_points,
                          int64_t n, const HashGridLevels& lv) {
   const int n_levels = lv.n_levels;
-  const int64_t stride = static_cast<int64_t>(n_levels) * F;
   const int64_t chunks = (n + kTaskPoints - 1) / kTaskPoints;
   run_tasks(chunks, [&](int64_t k) {
     const int64_t begin = k * kTaskPoints;
@@ -257,9 +316,10 @@ void backward_points_cpu(const T* grad_out, const T* points, const T* table, T* 
     std::fill(grad_points + 3 * begin, grad_points + 3 * end, T(0));
     for (int l = 0; l < n_levels; ++l) {
       const T scale = static_cast<T>(lv.scale[l]);
+      const T* grad_level = grad_lm + static_cast<int64_t>(l) * n * F;
       for_each_corners<F, false>(
           points, begin, end, lv, l, table, [&](int64_t i, const HashGridCorners<T>& c) {
-            hashgrid_point_grad<F>(points + 3 * i, c, scale, table, grad_out + i * stride + l * F,
+            hashgrid_point_grad<F>(points + 3 * i, c, scale, table, grad_level + i * F,
                                    grad_points + 3 * i);
           });
     }
@@ -286,7 +346,8 @@ static at::Tensor hashgrid_forward(const at::Tensor& points, const at::Tensor& t
   const HashGridLevels lv = make_levels(offsets, scales, resolutions, table.size(0));
   const int64_t n = points.size(0);
   const int64_t f = table.size(1);
-  at::Tensor out = at::empty({n, lv.n_levels * f}, points.options());
+  at::Tensor out = points.is_cuda() ? at::empty({n, lv.n_levels * f}, points.options())
+                                    : empty_large({n, lv.n_levels * f}, points.options());
   if (n == 0) return out;
   if (points.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
@@ -300,10 +361,13 @@ static at::Tensor hashgrid_forward(const at::Tensor& points, const at::Tensor& t
 #endif
     return out;
   }
+  // Level-major (L, N, F) scratch, transposed into `out` at the end.
+  at::Tensor scratch = empty_large({lv.n_levels, n, f}, points.options());
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "hashgrid_forward", [&] {
     dispatch_features(f, [&](auto fc) {
       forward_cpu<decltype(fc)::value>(points.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
-                                       out.data_ptr<scalar_t>(), n, lv);
+                                       out.data_ptr<scalar_t>(), scratch.data_ptr<scalar_t>(), n,
+                                       lv);
     });
   });
   return out;
@@ -331,7 +395,7 @@ static std::tuple<at::Tensor, at::Tensor> hashgrid_backward(
   // On the CPU every level's rows are zeroed by the thread that accumulates them.
   at::Tensor grad_table = !need_table_grad ? at::empty({0}, table.options())
                           : points.is_cuda() || n == 0 ? at::zeros(table.sizes(), points.options())
-                                                       : at::empty(table.sizes(), points.options());
+                                                       : empty_large(table.sizes(), points.options());
   at::Tensor grad_points =
       need_points_grad ? at::empty({n, 3}, points.options()) : at::empty({0}, points.options());
   if (n == 0) {
@@ -357,15 +421,19 @@ static std::tuple<at::Tensor, at::Tensor> hashgrid_backward(
 #endif
     return {grad_table, grad_points};
   }
+  if (!need_table_grad && !need_points_grad) return {grad_table, grad_points};
+  at::Tensor grad_lm = empty_large({lv.n_levels, n, f}, points.options());
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "hashgrid_backward", [&] {
     dispatch_features(f, [&](auto fc) {
       constexpr int F = decltype(fc)::value;
+      to_level_major<F>(grad_out.data_ptr<scalar_t>(), grad_lm.data_ptr<scalar_t>(), n,
+                        lv.n_levels);
       if (need_table_grad) {
-        backward_table_cpu<F>(grad_out.data_ptr<scalar_t>(), points.data_ptr<scalar_t>(),
+        backward_table_cpu<F>(grad_lm.data_ptr<scalar_t>(), points.data_ptr<scalar_t>(),
                               grad_table.data_ptr<scalar_t>(), n, lv);
       }
       if (need_points_grad) {
-        backward_points_cpu<F>(grad_out.data_ptr<scalar_t>(), points.data_ptr<scalar_t>(),
+        backward_points_cpu<F>(grad_lm.data_ptr<scalar_t>(), points.data_ptr<scalar_t>(),
                                table.data_ptr<scalar_t>(), grad_points.data_ptr<scalar_t>(), n,
                                lv);
       }
