@@ -1,4 +1,4 @@
-"""The ``avatar`` command line: generate, edit, export, preview, import, doctor.
+"""The ``avatar`` command line: generate, edit, export, preview, import, batch, doctor.
 
 Heavy modules (torch, diffusers, the native extension) are imported inside the
 commands, so ``avatar --help`` is instant. Errors a user can fix
@@ -32,16 +32,8 @@ Overrides = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP, 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config values.",
                                                     exists=False, dir_okay=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the config's, 0).")]
-
-
-def _pending(command: str, capability: str, issue: int) -> None:
-    """Stop a command whose pipeline is not built yet, after its options were validated."""
-    typer.echo(
-        f"avatar {command}: {capability} is not built yet (tracked as issue #{issue}). "
-        "Your options were checked and are valid; nothing was written.",
-        err=True,
-    )
-    raise typer.Exit(code=3)
+Guidance = Annotated[Optional[str], typer.Option("--guidance", help="Hub id, local diffusers folder, 'tiny' or "
+                                                 "'oracle:MESH'.")]
 
 
 def _overrides(values: list[str] | None, **named: object) -> list[str]:
@@ -56,8 +48,7 @@ def generate(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line "
                                                     "(blank and # lines skipped); one run per prompt.")] = None,
     preset: Preset = "quality",
-    guidance: Annotated[Optional[str], typer.Option("--guidance", help="Hub id, local diffusers folder, "
-                                                    "'tiny' or 'oracle:MESH'.")] = None,
+    guidance: Guidance = None,
     head_model: Annotated[Optional[str], typer.Option("--head-model", help="Head prior: anny, flame:DIR "
                                                       "or auto.")] = None,
     seed: Seed = None,
@@ -110,8 +101,9 @@ def generate(
 
 @app.command()
 def edit(
-    run: Annotated[Path, typer.Argument(help="Run folder (or an earlier edit) to edit.")],
-    instruction: Annotated[str, typer.Argument(help="What to change, e.g. 'give him a red woollen hat'.")],
+    run: Annotated[Optional[Path], typer.Argument(help="Run folder (or an earlier edit) to edit.")] = None,
+    instruction: Annotated[Optional[str], typer.Argument(help="What to change, e.g. 'give him a red woollen "
+                                                         "hat'.")] = None,
     source_prompt: Annotated[Optional[str], typer.Option("--source-prompt", help="Prompt of the source "
                                                          "avatar (default: the run's).")] = None,
     strength: Annotated[Optional[float], typer.Option("--strength", help="Edit weight against identity "
@@ -119,24 +111,32 @@ def edit(
     texture_only: Annotated[bool, typer.Option("--texture-only", help="Lock geometry; recolour only.")] = False,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimisation steps.")] = None,
     preset: Preset = "quality",
-    guidance: Annotated[Optional[str], typer.Option("--guidance", help="InstructPix2Pix source: hub id, "
-                                                    "local folder, 'tiny' or 'oracle:...'.")] = None,
+    guidance: Annotated[Optional[str], typer.Option("--guidance", help="Edit guidance: hub id, local folder, "
+                                                    "'tiny' or 'oracle:MESH'.")] = None,
     seed: Seed = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an edit folder from its last "
+                                                   "checkpoint.")] = None,
     config: ConfigFile = None,
     set_: Overrides = None,
 ) -> None:
     """Edit an avatar by text, keeping its identity (IESD); writes RUN/edits/<slug>-<time>/."""
     from avatar.config import EditConfig, make_config
     from avatar.errors import AvatarError
+    from avatar.pipeline.edit import run_edit
+
+    if resume is not None:
+        run_edit(None, None, resume_dir=resume)
+        return
+    if run is None or instruction is None or not instruction.strip():
+        raise AvatarError("the instruction is empty: avatar edit RUN \"give him a red woollen hat\" "
+                          "(or --resume EDIT_FOLDER)")
     from avatar.workspace import Workspace
 
-    if not instruction.strip():
-        raise AvatarError("the instruction is empty: avatar edit RUN \"give him a red woollen hat\"")
     Workspace.open(run)
-    make_config(EditConfig, preset, config_file=config, overrides=_overrides(
+    cfg = make_config(EditConfig, preset, config_file=config, overrides=_overrides(
         set_, instruction=instruction, source_prompt=source_prompt, strength=strength, seed=seed,
         texture_only=texture_only or None, **{"fine.steps": steps, "guidance.model": guidance}))
-    _pending("edit", "identity-aware editing (IESD)", 8)
+    run_edit(cfg, run)
 
 
 @app.command("export")
@@ -231,8 +231,7 @@ def batch(
     gpus_per_avatar: Annotated[float, typer.Option("--gpus-per-avatar", help="GPUs per task on a GPU "
                                                    "cluster.")] = 1.0,
     preset: Preset = "quality",
-    guidance: Annotated[Optional[str], typer.Option("--guidance", help="Hub id, local diffusers folder, "
-                                                    "'tiny' or 'oracle:MESH'.")] = None,
+    guidance: Guidance = None,
     export: Annotated[Optional[str], typer.Option("--export", help="Export each avatar (and edit): a comma "
                                                   "list of glb, obj, ply, video.")] = None,
     retries: Annotated[int, typer.Option("--retries", help="Restarts of a failed task (each resumes its "

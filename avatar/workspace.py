@@ -285,13 +285,7 @@ class Workspace:
             fh.write(json.dumps(record, default=_json_default) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):  # a line cut by a crash is skipped
-                rows.append(json.loads(line))
-        return rows
+        return read_jsonl(self.metrics_path)
 
     # -- checkpoints ---------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -368,6 +362,20 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, oldest first ([] if it does not exist); a line cut
+    by a crash or a kill, or one that is not an object, is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                rows.append(record)
+    return rows
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,5 +1,5 @@
-"""Optimisation loops: ``generate`` (coarse NeRF -> fine DMTet by score distillation) and
-batches of prompts.
+"""Optimisation loops: ``generate`` (coarse NeRF -> fine DMTet by score distillation),
+``edit`` (identity-aware editing of a finished avatar) and batches of prompts.
 
 Importing this package is cheap; torch and the fields load with the modules below.
 """
@@ -16,6 +16,9 @@ _EXPORTS = {
     "load_avatar": "artifact",
     "LoadedAvatar": "artifact",
     "ArtifactError": "artifact",
+    "EditError": "edit",
+    "run_edit": "edit",
+    "validate_edit": "edit",
     "read_prompts": "batch",
     "run_prompts": "batch",
 }

@@ -364,15 +364,9 @@ class BatchJournal:
         self.path = Path(root) / JOURNAL
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            with contextlib.suppress(ValueError):  # a line cut by a kill is skipped
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    out.append(record)
-        return out
+        from avatar.workspace import read_jsonl
+
+        return read_jsonl(self.path)
 
     def done(self) -> dict[str, dict[str, Any]]:
         """``run folder name -> last record`` of the tasks whose last record is ``done`` (by name,

@@ -19,7 +19,8 @@ The loop is generate's (:class:`~avatar.pipeline.generate.GenerateRun`): a run w
 no coarse stage whose fine stage starts from the source, so checkpoints, bit-identical
 resume, Ctrl-C, NaN rollback, progress bar, previews and metrics behave as there.
 ``texture_only`` freezes the SDF and the vertex offsets (their learning rates are 0
-and they take no gradient), so the surface stays exactly the source's.
+and they take no gradient), so the surface stays exactly the source's; textureless
+shading is then never sampled (it shows only the locked geometry: no gradient at all).
 
 Configuration: an :class:`~avatar.config.EditConfig` (saved as the edit's
 ``config.yaml``). The loop itself runs on a :class:`~avatar.config.GenerateConfig`
@@ -210,12 +211,6 @@ class EditRun(GenerateRun):
         fine = FineStage(self.cfg, self.frame, self.device, lambda p: torch.zeros(p.shape[0]))
         fine.geometry.load_state_dict(self.source.geometry.state_dict())
         fine.texture.load_state_dict(self.source.texture.state_dict())
-        import os as _os
-        eps = float(_os.environ.get("EDIT_EPS", "0"))
-        if eps:
-            for g in fine.optimizer.param_groups:
-                if g["name"] in _os.environ.get("EDIT_EPS_GROUPS", "sdf,deform").split(","):
-                    g["eps"] = eps
         self.fine = fine
         self._lock_geometry()
 
@@ -247,7 +242,19 @@ class EditRun(GenerateRun):
         sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step,
                                                source_images=source)
         drift = (out.rgb.detach() - source).pow(2).mean()
-        return sds.loss, {"iesd": float(sds.loss.detach()), "source_mse": float(drift)}, float(sds.t.float().mean())
+        loss = sds.loss
+        terms = {"iesd": float(sds.loss.detach()), "source_mse": float(drift)}
+        weight = float(self.edit_cfg.lambda_anchor)
+        if weight > 0 and not self.edit_cfg.texture_only:
+            geo = self.fine.geometry
+            if getattr(self, "_anchor", None) is None:  # the source's values, on the live stage's device
+                self._anchor = (self.source.geometry.sdf.detach().to(geo.sdf.device),
+                                self.source.geometry.deform.detach().to(geo.deform.device))
+            sdf0, deform0 = self._anchor
+            anchor = ((geo.sdf - sdf0) / geo.cell).pow(2).sum() + (geo.deform - deform0).pow(2).sum()
+            loss = loss + weight * anchor
+            terms["anchor"] = float(anchor.detach())
+        return loss, terms, float(sds.t.float().mean())
 
     # -- records -----------------------------------------------------------------
     def write_config(self) -> None:

@@ -219,6 +219,34 @@ void run_tasks(int64_t n_tasks, Task&& task) {
   });
 }
 
+// Between the (N, L*F) layout of the op's input/output and the level-major (L, N, F)
+// layout the level loops stream (for L=16, F=2 a point-major read of one level pulls
+// 64 bytes to use 8), in cache-sized tiles of points. kToLevelMajor: (N, L*F) -> (L, N, F),
+// else the reverse.
+template <int F, bool kToLevelMajor, typename T>
+void transpose_levels(const T* src, T* dst, int64_t n, int n_levels) {
+  const int64_t stride = static_cast<int64_t>(n_levels) * F;
+  constexpr int64_t kTile = 256;
+  at::parallel_for(0, (n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kTile;
+      const int64_t i1 = std::min(n, i0 + kTile);
+      for (int l = 0; l < n_levels; ++l) {
+        const int64_t level = static_cast<int64_t>(l) * n * F;
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int f = 0; f < F; ++f) {
+            if constexpr (kToLevelMajor) {
+              dst[level + i * F + f] = src[i * stride + l * F + f];
+            } else {
+              dst[i * stride + l * F + f] = src[level + i * F + f];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 // Forward. Tasks are (level, chunk of points), finest level first, so threads
 // share one level's slice of the table in the caches at a time; each writes its
 // outputs contiguously into a level-major scratch (L, N, F), which is then
@@ -238,41 +266,7 @@ void forward_cpu(const T* points, const T* table, T* out, T* level_major, int64_
                                  hashgrid_gather<F>(c, table, dst + i * F);
                                });
   });
-  const int64_t stride = static_cast<int64_t>(n_levels) * F;
-  constexpr int64_t kTile = 256;
-  at::parallel_for(0, (n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = t * kTile;
-      const int64_t i1 = std::min(n, i0 + kTile);
-      for (int l = 0; l < n_levels; ++l) {
-        const T* src = level_major + static_cast<int64_t>(l) * n * F;
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int f = 0; f < F; ++f) out[i * stride + l * F + f] = src[i * F + f];
-        }
-      }
-    }
-  });
-}
-
-// grad_out (N, L*F) to the level-major (L, N, F) layout the level loops read:
-// a level's pass then streams its own N*F values instead of pulling one cache
-// line per point (for L=16, F=2: 64 bytes read for 8 used, on every level).
-template <int F, typename T>
-void to_level_major(const T* grad_out, T* level_major, int64_t n, int n_levels) {
-  const int64_t stride = static_cast<int64_t>(n_levels) * F;
-  constexpr int64_t kTile = 256;
-  at::parallel_for(0, (n + kTile - 1) / kTile, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = t * kTile;
-      const int64_t i1 = std::min(n, i0 + kTile);
-      for (int l = 0; l < n_levels; ++l) {
-        T* dst = level_major + static_cast<int64_t>(l) * n * F;
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int f = 0; f < F; ++f) dst[i * F + f] = grad_out[i * stride + l * F + f];
-        }
-      }
-    }
-  });
+  transpose_levels<F, false>(level_major, out, n, n_levels);
 }
 
 // Backward to the table. Levels own disjoint row ranges, so each level is one
@@ -426,7 +420,7 @@ static std::tuple<at::Tensor, at::Tensor> hashgrid_backward(
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "hashgrid_backward", [&] {
     dispatch_features(f, [&](auto fc) {
       constexpr int F = decltype(fc)::value;
-      to_level_major<F>(grad_out.data_ptr<scalar_t>(), grad_lm.data_ptr<scalar_t>(), n,
+      transpose_levels<F, true>(grad_out.data_ptr<scalar_t>(), grad_lm.data_ptr<scalar_t>(), n,
                         lv.n_levels);
       if (need_table_grad) {
         backward_table_cpu<F>(grad_lm.data_ptr<scalar_t>(), points.data_ptr<scalar_t>(),
