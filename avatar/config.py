@@ -245,10 +245,11 @@ class EditConfig(RunConfig):
     """Weight of the edit term against the identity term (0 keeps the source)."""
     texture_only: bool = False
     """Lock geometry and change only the texture (recolouring edits)."""
-    lambda_anchor: float = 1.0
+    lambda_anchor: float = 30.0
     """Weight of the geometry anchor: the squared change of every SDF value and vertex offset
-    from the source's, in grid cells, summed. It gives the whole grid a pull back to the
-    source that the edit term overcomes only where it asks for new shape."""
+    from the source's, in grid cells, summed (so its pull per grid vertex does not depend on
+    the grid's size), times ``1 - strength`` (it is part of the identity side). It gives the
+    whole grid a pull back to the source that the edit term overcomes where it asks for new shape."""
     preset: str = "quality"
     """The preset these values started from."""
     guidance: EditGuidanceConfig = field(default_factory=EditGuidanceConfig)

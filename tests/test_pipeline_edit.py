@@ -197,7 +197,7 @@ def _head_shell():
     return max(prior.neutral_mesh().split(only_watertight=False), key=lambda m: len(m.faces))
 
 
-ORACLE_EDIT = ["fine.steps=60", "fine.resolution=64", "fine.lr=0.005"]
+ORACLE_EDIT = ["fine.steps=120", "fine.resolution=64", "fine.lr=0.005"]
 """The oracle edits' settings (all strengths alike)."""
 
 

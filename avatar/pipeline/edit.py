@@ -244,7 +244,8 @@ class EditRun(GenerateRun):
         drift = (out.rgb.detach() - source).pow(2).mean()
         loss = sds.loss
         terms = {"iesd": float(sds.loss.detach()), "source_mse": float(drift)}
-        weight = float(self.edit_cfg.lambda_anchor)
+        # The anchor belongs to the identity side of IESD, whose share is 1 - strength.
+        weight = float(self.edit_cfg.lambda_anchor) * (1.0 - float(self.edit_cfg.strength))
         if weight > 0 and not self.edit_cfg.texture_only:
             geo = self.fine.geometry
             if getattr(self, "_anchor", None) is None:  # the source's values, on the live stage's device
