@@ -95,28 +95,34 @@ def read_edits(path: str | Path) -> list[str]:
 def run_prompts(cfg: Any, prompts: list[str], progress: bool = True,
                 run: Callable[..., dict[str, Any]] = run_generate) -> dict[str, Any]:
     """Run ``run(cfg_with_prompt, workspace, progress=...)`` for each prompt, each in a new
-    run folder under ``cfg.output_root``; continue past failures.
+    run folder under ``cfg.output_root``; continue past failures. The guidance models are
+    loaded once for all prompts (:func:`~avatar.guidance.models.models_kept_loaded`).
 
     Returns ``{"total", "succeeded", "failed", "runs": [{"prompt", "run", "ok", "error"?}]}``.
     """
-    from avatar.workspace import Workspace
+    from avatar.guidance.models import models_kept_loaded
 
-    results: list[dict[str, Any]] = []
-    for prompt in prompts:
-        one = copy.deepcopy(cfg)
-        one.prompt = prompt
-        ws = Workspace.create(one.output_root, prompt)
-        entry: dict[str, Any] = {"prompt": prompt, "run": str(ws.root), "ok": False}
-        try:
-            run(one, ws, progress=progress)
-            entry["ok"] = True
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # a failed prompt must not stop the batch; its reason is kept
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        results.append(entry)
+    with models_kept_loaded():
+        results = [_run_one(cfg, prompt, progress, run) for prompt in prompts]
     ok = sum(r["ok"] for r in results)
     return {"total": len(results), "succeeded": ok, "failed": len(results) - ok, "runs": results}
+
+
+def _run_one(cfg: Any, prompt: str, progress: bool, run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    from avatar.workspace import Workspace
+
+    one = copy.deepcopy(cfg)
+    one.prompt = prompt
+    ws = Workspace.create(one.output_root, prompt)
+    entry: dict[str, Any] = {"prompt": prompt, "run": str(ws.root), "ok": False}
+    try:
+        run(one, ws, progress=progress)
+        entry["ok"] = True
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a failed prompt must not stop the batch; its reason is kept
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+    return entry
 
 
 # ---------------------------------------------------------------------------
