@@ -4,6 +4,13 @@ On the CPU, a fixed seed and a fixed thread count give bit-identical runs:
 :func:`seed_everything` seeds Python, NumPy and torch and asks torch for
 deterministic algorithms; :func:`rng_state` / :func:`set_rng_state` carry every
 generator through a checkpoint so a resumed run continues the same sequence.
+
+Every random draw that takes an explicit ``torch.Generator`` goes through :func:`draw`:
+PyTorch only draws with a generator on that generator's own device ("Expected a 'cuda'
+device type for generator"), so the draw happens there and the result then moves to
+where it is used. A run's generators live on the CPU, which also makes the sequence
+the same whatever device the run trains on. ``tests/test_random_draws.py`` checks that
+no other code in the package passes a generator to a random function.
 """
 
 from __future__ import annotations
@@ -27,6 +34,31 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         if torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = False
+
+
+def draw(fn: Any, *args: Any, generator: Any = None, device: Any = None, **kwargs: Any) -> Any:
+    """``fn(*args, generator=generator, **kwargs)`` drawn on the generator's device, then moved.
+
+    fn: a torch sampling function (``torch.rand``, ``randn``, ``randint``, ``randperm``,
+    ``multinomial``, ...). Tensor arguments (``multinomial``'s probabilities) move to the
+    generator's device first; functions without tensor arguments get ``device=`` the
+    generator's device. device: where the result is wanted (default: where it was drawn).
+    Without a generator the draw uses ``device``'s default generator directly.
+    """
+    import torch
+
+    if generator is None:
+        if any(isinstance(a, torch.Tensor) for a in args):
+            out = fn(*args, **kwargs)
+        else:
+            out = fn(*args, device=device, **kwargs)
+        return out if device is None else out.to(device)
+    where = generator.device
+    if any(isinstance(a, torch.Tensor) for a in args):
+        out = fn(*(a.to(where) if isinstance(a, torch.Tensor) else a for a in args), generator=generator, **kwargs)
+    else:
+        out = fn(*args, generator=generator, device=where, **kwargs)
+    return out if device is None else out.to(device, non_blocking=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,7 +88,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", ns["keys"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A checkpoint from a machine with more GPUs carries more states than this one has
+        # devices: restore those that exist (one device trains a run; the others are unused).
+        saved = list(state["cuda"])
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index], index)
 
 
 def _python_state_to_tensor(st: tuple) -> Any:

@@ -389,3 +389,22 @@ def test_cpu_offload_without_accelerate_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(GuidanceError, match="pip install accelerate"):
         apply_memory_options({"unet": torch.nn.Linear(1, 1)}, "cuda", MemoryOptions(cpu_offload=True))
+
+
+def test_attention_is_pytorchs_fused_kernel_unless_slicing_is_asked(tiny_dir):
+    """Slicing replaces scaled_dot_product_attention (flash / memory-efficient kernels on a GPU)
+    with a slower loop: it must only happen when a user asks for it."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    from avatar.config import GuidanceConfig
+
+    assert GuidanceConfig().attention_slicing is False
+
+    def processors(opts: MemoryOptions) -> set[type]:
+        model = M.load_diffusion_model("tiny")
+        net, _ = M.load_controlnet("tiny")
+        modules, _ = apply_memory_options({"unet": model.unet, "vae": model.vae, "controlnet": net}, "cpu", opts)
+        return {type(p) for name in ("unet", "controlnet") for p in modules[name].attn_processors.values()}
+
+    assert processors(MemoryOptions()) == {AttnProcessor2_0}
+    assert processors(MemoryOptions(attention_slicing=True)) == {SlicedAttnProcessor}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from avatar.guidance.errors import GuidanceError
 from avatar.guidance.prompts import LANDMARK_VIEWS, VIEWS, ViewPromptEmbeddings, view_labels
+from avatar.seeding import draw
 
 WEIGHTINGS = ("headsculpt", "dreamfusion", "uniform")
 """w(t) options: ``headsculpt`` sqrt(abar)(1 - abar) (HeadSculpt's released code), ``dreamfusion``
@@ -94,9 +95,9 @@ class TimestepSchedule:
         return lo, hi
 
     def sample(self, batch_size: int, step: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B,)`` int64 timesteps on the CPU."""
+        """``(B,)`` int64 timesteps on the generator's device (the CPU without one)."""
         lo, hi = self.bounds(step)
-        return torch.randint(lo, hi + 1, (batch_size,), generator=generator, dtype=torch.long)
+        return draw(torch.randint, lo, hi + 1, (batch_size,), generator=generator, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class VAEEncoder:
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         post = self._posterior(images)
-        eps = torch.randn(post.mean.shape, generator=generator, dtype=torch.float32).to(post.mean.device)
+        eps = draw(torch.randn, post.mean.shape, generator=generator, dtype=torch.float32, device=post.mean.device)
         z = post.mean.float() + post.std.float() * eps
         return z * self.vae.config.scaling_factor
 
@@ -442,7 +443,7 @@ class ScoreDistillation:
             t = self.timesteps.sample(bsz, step, self.generator)
         t = t.to(self.device).long()
         if noise is None:
-            noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32)
+            noise = draw(torch.randn, x0.shape, generator=self.generator, dtype=torch.float32, device=x0.device)
         noise = noise.to(x0.device, torch.float32)
         with torch.no_grad():
             x_t = self.add_noise(x0.detach(), noise, t)

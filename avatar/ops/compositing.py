@@ -91,6 +91,10 @@ def _check_offsets(offsets: torch.Tensor, n_samples: int, op: str) -> torch.Tens
     if offsets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: offsets must be int32 or int64, got {offsets.dtype}")
     offsets = offsets.long().contiguous()
+    if offsets.device.type != "cpu":
+        # Reading values back would stall the GPU once per render; offsets on a GPU come
+        # from march_rays, which builds them non-decreasing from 0 to the sample count.
+        return offsets
     first, last = int(offsets[0]), int(offsets[-1])
     if first != 0 or last != n_samples or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(
@@ -113,7 +117,9 @@ def composite_rays(
 
     sigmas: (S,) densities >= 0. rgbs: (S, C) colours or features, C <= 32.
     deltas: (S,) bin lengths. ts: (S,) bin positions along the ray (for depth).
-    offsets: (R + 1,) int32/int64; ray r owns samples offsets[r]:offsets[r+1].
+    offsets: (R + 1,) int32/int64; ray r owns samples offsets[r]:offsets[r+1]; non-decreasing
+        from 0 to S (checked for CPU tensors; trusted on a GPU, where reading them back would
+        stall every render).
     transmittance_threshold: once the transmittance before a sample drops below
         it, that sample and the rest of the ray get weight 0 (0 disables).
     engine: ``auto`` | ``native`` | ``torch``.
@@ -180,7 +186,7 @@ def march_rays(
     rays_o, rays_d: (R, 3) origins and directions in the grid's frame, the unit
         cube [0,1]^3 (directions need not be normalised; t is in their units).
     bitfield: (ceil(res^3 / 8),) uint8, see :func:`pack_occupancy`.
-    near, far: floats or (R,) finite ray intervals.
+    near, far: floats or (R,) finite ray intervals (checked for CPU tensors only).
     step_size: distance in t between samples; every sample gets delta = step_size.
     max_samples: at most this many (the first) samples per ray.
     jitter: offset of the lattice within a step, float or (R,) in [0, 1): 0.5 puts
@@ -207,7 +213,8 @@ def march_rays(
     near_t = _per_ray(near, n_rays, rays_o, "near")
     far_t = _per_ray(far, n_rays, rays_o, "far")
     jitter_t = _per_ray(jitter, n_rays, rays_o, "jitter")
-    if n_rays and not bool(torch.isfinite(near_t).all() & torch.isfinite(far_t).all()):
+    # Value checks on CPU tensors only, where they cost no device sync (see _check_offsets).
+    if n_rays and rays_o.device.type == "cpu" and not bool(torch.isfinite(near_t).all() & torch.isfinite(far_t).all()):
         raise ValueError("march_rays: near and far must be finite")
     bitfield = bitfield.to(rays_o.device).contiguous()
     choice = resolve_engine("march", engine, rays_o.device.type)
@@ -312,6 +319,8 @@ class OccupancyGrid(nn.Module):
         """
         if not force and step % self.update_every != 0:
             return False
+        from avatar.seeding import draw
+
         r = self.resolution
         n_cells = r**3
         device = self.density.device
@@ -319,22 +328,24 @@ class OccupancyGrid(nn.Module):
         if step < self.warmup_steps:
             cells = torch.arange(n_cells, device=device)
         else:
+            # A quarter of the cells uniformly plus as many occupied cells, drawn without a
+            # host sync: the k-th occupied cell is found by a search over the running count.
             count = max(1, n_cells // 4)
-            uniform = torch.randint(n_cells, (count,), device=device, generator=generator)
-            occupied = torch.nonzero(unpack_occupancy(self.bitfield, r).view(-1)).squeeze(1)
-            if occupied.numel():
-                pick = torch.randint(occupied.numel(), (count,), device=device, generator=generator)
-                cells = torch.cat((uniform, occupied[pick]))
-            else:
-                cells = uniform
+            uniform = draw(torch.randint, n_cells, (count,), generator=generator, device=device)
+            occupied = unpack_occupancy(self.bitfield, r).view(-1)
+            running = torch.cumsum(occupied, 0)
+            k = draw(torch.rand, (count,), generator=generator, dtype=torch.float64, device=device)
+            k = (k * running[-1]).long()  # k-th occupied cell, 0 <= k < n_occupied
+            picked = torch.searchsorted(running, k + 1).clamp_(max=n_cells - 1)
+            cells = torch.cat((uniform, torch.where(running[-1] > 0, picked, uniform)))
         ijk = torch.stack((cells // (r * r), (cells // r) % r, cells % r), dim=-1).float()
-        jitter = torch.rand(ijk.shape, device=device, generator=generator)
+        jitter = draw(torch.rand, ijk.shape, generator=generator, device=device)
         points = (ijk + jitter) / r
         chunks = [points[i : i + self.chunk] for i in range(0, len(points), self.chunk)]
         sigmas = torch.cat([density_fn(chunk).reshape(-1).float() for chunk in chunks])
         flat_density.mul_(self.decay)
         flat_density.scatter_reduce_(0, cells, sigmas.to(flat_density.dtype), "amax", include_self=True)
-        limit = min(self.threshold, float(flat_density.mean()))
+        limit = flat_density.mean().clamp(max=self.threshold)  # a tensor: no host sync
         self.bitfield.copy_(pack_occupancy(self.density > limit))
         return True
 

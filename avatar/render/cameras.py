@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from avatar.seeding import draw
+
 VIEWS = ("front", "side", "back", "overhead")
 OVERHEAD_POLAR = 30.0
 """Cameras with a polar angle below this (degrees) are labelled ``overhead``."""
@@ -218,16 +220,17 @@ def sample_cameras(n: int, cfg, resolution: int | tuple[int, int], generator: to
     The azimuth sector (front / side / back) is drawn with ``cfg.sector_probs``,
     then the azimuth uniformly within it; polar, radius and field of view are
     uniform in their ranges; the look-at point is jittered by ``cfg.look_at_jitter``.
-    Sampling runs on the CPU generator so results do not depend on the device.
+    Sampling runs on the generator's device (a run's generator lives on the CPU, so the
+    cameras do not depend on the training device), then the cameras move to ``device``.
     """
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+        return lo + (hi - lo) * draw(torch.rand, n, generator=generator, dtype=torch.float64)
 
     probs = torch.tensor(cfg.sector_probs, dtype=torch.float64)
-    sector = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
+    sector = draw(torch.multinomial, probs / probs.sum(), n, replacement=True, generator=generator)
     half_front, half_back = cfg.front_sector / 2, cfg.back_sector / 2
     side_width = 180.0 - half_front - half_back  # each of the two side sectors
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    u = draw(torch.rand, n, generator=generator, dtype=torch.float64)
     front = (2 * u - 1) * half_front
     back = 180.0 + (2 * u - 1) * half_back
     # One side sector on each side: u < 0.5 -> +X side, else -X side.
@@ -237,7 +240,7 @@ def sample_cameras(n: int, cfg, resolution: int | tuple[int, int], generator: to
     polar = uniform(*cfg.polar_range)
     radius = uniform(*cfg.radius_range)
     fov = uniform(*cfg.fov_range)
-    target = torch.randn(n, 3, generator=generator, dtype=torch.float64) * cfg.look_at_jitter
+    target = draw(torch.randn, n, 3, generator=generator, dtype=torch.float64) * cfg.look_at_jitter
     cams = make_cameras(azimuth.float(), polar.float(), radius.float(), fov.float(), resolution, target.float(),
                         cfg.front_sector, cfg.back_sector)
     return cams.to(device)

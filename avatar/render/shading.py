@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from avatar.seeding import draw
+
 SHADING_MODES = ("albedo", "lambertian", "textureless", "normal")
 
 
 def sample_shading(probs: tuple[float, float, float], generator: torch.Generator | None = None) -> str:
     """Draw ``albedo``, ``lambertian`` or ``textureless`` with the given probabilities."""
-    p = torch.tensor(probs, dtype=torch.float64)
-    if (p < 0).any() or p.sum() <= 0:
+    if any(x < 0 for x in probs) or sum(probs) <= 0:
         raise ValueError(f"shading probabilities must be non-negative with a positive sum, got {probs}")
-    idx = int(torch.multinomial(p / p.sum(), 1, generator=generator))
+    p = torch.tensor(probs, dtype=torch.float64)
+    idx = int(draw(torch.multinomial, p / p.sum(), 1, generator=generator))
     return SHADING_MODES[idx]
 
 
@@ -30,11 +32,15 @@ def random_light(eye: torch.Tensor, generator: torch.Generator | None = None, sp
     eye: (B, 3) camera centres. spread: standard deviation of the direction jitter.
     """
     b = eye.shape[0]
-    direction = torch.nn.functional.normalize(eye.double().cpu(), dim=-1)
-    direction = direction + spread * torch.randn(b, 3, generator=generator, dtype=torch.float64)
-    direction = torch.nn.functional.normalize(direction, dim=-1)
-    dist = distance[0] + (distance[1] - distance[0]) * torch.rand(b, 1, generator=generator, dtype=torch.float64)
-    return (direction * dist * eye.double().cpu().norm(dim=-1, keepdim=True)).to(eye)
+    # Computed where the cameras are (no copy back to the host); the draws happen on the
+    # generator's device and move there.
+    eye64 = eye.double()
+    direction = torch.nn.functional.normalize(eye64, dim=-1)
+    noise = draw(torch.randn, b, 3, generator=generator, dtype=torch.float64, device=eye.device)
+    direction = torch.nn.functional.normalize(direction + spread * noise, dim=-1)
+    u = draw(torch.rand, b, 1, generator=generator, dtype=torch.float64, device=eye.device)
+    dist = distance[0] + (distance[1] - distance[0]) * u
+    return (direction * dist * eye64.norm(dim=-1, keepdim=True)).to(eye)
 
 
 def shade(albedo: torch.Tensor, normals: torch.Tensor, positions: torch.Tensor | None, mode: str,

@@ -25,6 +25,7 @@ from torch import nn
 from avatar.ops.compositing import OccupancyGrid, composite_rays
 from avatar.render.cameras import Cameras
 from avatar.render.shading import shade
+from avatar.seeding import draw
 
 
 def ray_box(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +141,7 @@ class VolumeRenderer:
         n_rays = o.shape[0]
         near, far = ray_box(o, d, self.bound)
         if jitter:
-            offset = torch.rand(n_rays, generator=generator, dtype=o.dtype).to(o.device)
+            offset = draw(torch.rand, n_rays, generator=generator, dtype=o.dtype, device=o.device)
         else:
             offset = 0.5
         bitfield, res = self._bitfield(o.device)
