@@ -38,6 +38,10 @@ def native_extensions():
     from avatar import _native
 
     with_cuda = _native.cuda_wanted()
+    blocker = _native.cuda_toolkit().blocker() if with_cuda else None
+    if blocker:  # as the just-in-time build: CUDA trouble leaves the CPU kernels
+        print(f"avatar: building avatar._C CPU-only: {blocker}", file=sys.stderr)
+        with_cuda = False
     kw = _native.extension_kwargs(with_cuda, ROOT / "cuda_ext")
     cls = CUDAExtension if with_cuda else CppExtension
     ext = cls(

@@ -42,6 +42,61 @@ def _device() -> dict[str, Any]:
             "cuda_version": torch.version.cuda}
 
 
+def _native_cuda(st: Any) -> dict[str, Any]:
+    """The CUDA kernels of our extension: what was built, or what a build will do and why.
+
+    Extra keys: ``state`` (``built``, ``will_build``, ``cpu_only``, ``no_device``,
+    ``unavailable`` or ``disabled``), ``toolkit`` (nvcc path and version, CUDA_HOME,
+    ``torch.version.cuda``, whether they are compatible (same major version, torch's
+    own rule), each required header -> present) and ``build`` (``with_cuda``,
+    ``arch_list``, ``path`` of the built extension, or None before a build).
+    """
+    import torch
+
+    from avatar import _native
+
+    toolkit = _native.cuda_toolkit()
+    details = {
+        "toolkit": {
+            "nvcc": toolkit.nvcc,
+            "nvcc_version": toolkit.nvcc_version,
+            "cuda_home": toolkit.cuda_home,
+            "torch_cuda": toolkit.torch_cuda,
+            "compatible": toolkit.compatible,
+            "headers": dict(toolkit.headers),
+        },
+        "build": ({"with_cuda": st.with_cuda, "arch_list": list(st.arch_list), "path": st.path}
+                  if st.state == "built" else None),
+    }
+    summary = toolkit.summary()
+
+    def entry(available: bool, state: str, reason: str) -> dict[str, Any]:
+        return _entry(available, reason, state=state, **details)
+
+    if st.state == "disabled":
+        return entry(False, "disabled", "disabled: AVATAR_NO_NATIVE=1 is set")
+    if st.state == "built" and st.with_cuda:
+        targets = ", ".join(st.arch_list) or "an unrecorded arch list"
+        return entry(True, "built", f"built with CUDA for {targets} in {st.path} ({summary})")
+    if not torch.version.cuda:
+        return entry(False, "unavailable", f"torch {torch.__version__} is a CPU-only build: the CUDA kernels need a "
+                     f"CUDA build of torch ({summary})")
+    if not torch.cuda.is_available():
+        return entry(False, "no_device", f"no CUDA device (torch.cuda.is_available() is False); toolkit: {summary}")
+    if os.environ.get("AVATAR_NO_CUDA_EXT") == "1":
+        return entry(False, "cpu_only", f"AVATAR_NO_CUDA_EXT=1 builds the extension CPU-only ({summary})")
+    why = st.cuda_error or toolkit.blocker()
+    if st.state == "built":
+        return entry(False, "cpu_only", f"built CPU-only in {st.path}: {why or 'no CUDA toolkit was found'}")
+    if st.state in ("failed", "unbuildable"):
+        return entry(False, "unavailable", f"native extension unavailable: {st.reason}")
+    if why:
+        return entry(False, "unavailable", f"will build CPU-only: {why}")
+    targets = ", ".join(st.arch_list) or "the visible GPUs"
+    return entry(True, "will_build", f"not built yet: will compile with CUDA for {targets} on first use into "
+                 f"{st.path} ({summary}); `avatar doctor --build` builds it now")
+
+
 def _engines(build: bool) -> dict[str, Any]:
     import torch
 
@@ -50,16 +105,8 @@ def _engines(build: bool) -> dict[str, Any]:
     if build and not _native.disabled():
         _native.available()  # compiles now; the status below reports the result
     st = _native.status()
-    engines = {"native_cpu": _entry(st.available, f"{st.state}: {st.reason}")}
+    engines = {"native_cpu": _entry(st.available, f"{st.state}: {st.reason}"), "native_cuda": _native_cuda(st)}
     cuda = torch.cuda.is_available()
-    if not cuda:
-        engines["native_cuda"] = _entry(False, "no CUDA device (torch.cuda.is_available() is False)")
-    elif not st.available:
-        engines["native_cuda"] = _entry(False, f"native extension unavailable: {st.reason}")
-    elif st.state == "built" and not st.with_cuda:
-        engines["native_cuda"] = _entry(False, "built without CUDA: install nvcc matching torch.version.cuda")
-    else:
-        engines["native_cuda"] = _entry(True, f"{st.state} with CUDA kernels")
     for name, module, hint in (
         ("nvdiffrast", "nvdiffrast", "pip install --no-build-isolation git+https://github.com/NVlabs/nvdiffrast.git"),
         ("tiny_cuda_nn", "tinycudann",

@@ -106,3 +106,73 @@ def test_failed_build_is_reported_once_with_reason(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "first: True" in out.stdout and "second fast: True" in out.stdout and "status: failed" in out.stdout
+
+
+def test_failed_cuda_build_falls_back_to_the_cpu_kernels(tmp_path):
+    # A CUDA build that fails (a stand-in nvcc rejects every .cu file) is reported once
+    # with the compiler's reason and remembered under the CUDA variant's own cache key;
+    # the CPU-only variant is then built and loaded: CUDA trouble never takes the CPU
+    # kernels down. A second process goes straight to the cached CPU-only build.
+    src = tmp_path / "cuda_ext"
+    (src / "include").mkdir(parents=True)
+    (src / "src").mkdir()
+    (src / "src" / "module.cpp").write_text(  # a minimal extension module: compiles in a second
+        "#include <Python.h>\n"
+        "#define STR2(x) #x\n#define STR(x) STR2(x)\n#define CAT2(a, b) a##b\n#define CAT(a, b) CAT2(a, b)\n"
+        "static PyModuleDef def = {PyModuleDef_HEAD_INIT, STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};\n"
+        "PyMODINIT_FUNC CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&def); }\n"
+    )
+    (src / "src" / "kernel.cu").write_text("__global__ void kernel() {}\n")
+    home = tmp_path / "toolkit"
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    calls = tmp_path / "nvcc-calls"
+    nvcc = home / "bin" / "nvcc"
+    nvcc.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--version*) echo "Cuda compilation tools, release 12.8, V12.8.93"; exit 0;; esac\n'
+        f'echo "$@" >> {calls}\n'
+        'echo "kernel.cu(1): error: the stand-in nvcc rejects this file" >&2\n'
+        "exit 1\n"
+    )
+    nvcc.chmod(0o755)
+    code = (
+        "import warnings\n"
+        "from pathlib import Path\n"
+        "from torch.utils import cpp_extension\n"
+        "from avatar import _native\n"
+        f"_native.source_dir = lambda: Path({str(src)!r})\n"
+        "_native.cuda_wanted = lambda: True\n"
+        "_native._cuda_build_blocker = lambda: None  # the toolkit passes; its compiler fails\n"
+        f"cpp_extension.CUDA_HOME = {str(home)!r}\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    module = _native.load()\n"
+        "    _native.load()\n"
+        "ours = [str(w.message) for w in caught if str(w.message).startswith('avatar:')]\n"
+        "print('module:', module.__name__)\n"
+        "print('warnings:', len(ours), 'reason:', 'stand-in nvcc rejects' in ours[0])\n"
+        "st = _native.status()\n"
+        "print('status:', st.state, st.with_cuda, 'stand-in nvcc rejects' in (st.cuda_error or ''))\n"
+        "print('recorded:', (_native.build_dir(True) / 'build-failed.json').is_file())\n"
+    )
+    env = {**os.environ, "AVATAR_CACHE_DIR": str(tmp_path / "cache"), "TORCH_CUDA_ARCH_LIST": "8.0"}
+    env.pop("AVATAR_EXT_BUILD_DIR", None)
+    env.pop("AVATAR_NO_CUDA_EXT", None)
+    for attempt in ("first", "second"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert "module: avatar_C" in lines, (attempt, out.stdout)
+        assert "warnings: 1 reason: True" in lines, (attempt, out.stdout, out.stderr)
+        assert "status: built False True" in lines and "recorded: True" in lines, (attempt, out.stdout)
+        assert len(calls.read_text().splitlines()) == 1, attempt  # nvcc ran in the first process only
+
+
+def test_native_on_cuda_without_cuda_kernels_says_why(monkeypatch):
+    import types
+
+    monkeypatch.setattr(_native, "load", lambda: types.SimpleNamespace(with_cuda=False))
+    monkeypatch.setattr(_native, "cuda_unavailable_reason", lambda: "nvcc 13.0 and torch's CUDA 12.8 differ")
+    with pytest.raises(EngineError, match=r"without CUDA kernels \(nvcc 13.0 and torch's CUDA 12.8 differ\)"):
+        resolve_engine("axpy", "native", "cuda")

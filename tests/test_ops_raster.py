@@ -12,6 +12,7 @@ import pytest
 import torch
 import trimesh
 
+from avatar import _native
 from avatar.ops import raster
 from avatar.ops.engine import EngineError
 from avatar.ops.reference import raster as ref
@@ -340,6 +341,87 @@ def test_interpolate_native_matches_reference(batched_attr):
 
 
 # --------------------------------------------------------------------------
+# the CUDA rasteriser's algorithm, run on the CPU
+
+
+def lattice_scene():
+    xy, faces, size = lattice_mesh()
+    w = torch.rand(len(xy), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 + 0.5
+    return torch.cat([xy * w, torch.zeros_like(w), w], 1).float()[None].contiguous(), faces, (size, size)
+
+
+def sphere_batch():
+    pos, faces, resolution = sphere_scene(resolution=70, subdivisions=3)
+    return pos[None], faces, resolution
+
+
+@pytest.mark.parametrize(
+    "scene",
+    [
+        lambda: (*random_scene(0), (37, 53)),  # partial tiles, awkward triangles
+        lambda: (*random_scene(1, num_faces=700), (64, 64)),  # several chunks of 256 triangles
+        sphere_batch,
+        lattice_scene,  # pixel centres exactly on shared edges
+    ],
+    ids=["random", "many-triangles", "sphere", "edges"],
+)
+def test_cuda_rasteriser_algorithm_equals_the_cpu_engine_bit_for_bit(scene):
+    # raster.cu's tile kernel, run tile by tile on the CPU with the same header
+    # functions (the test-only op rasterize_fwd_tiled), gives exactly the band
+    # rasteriser's output; on the GPU the same code is compiled without fused
+    # multiply-adds (tests/test_cuda_compile.py), so it matches there too.
+    _native.load()
+    pos, faces, (height, width) = scene()
+    pos = pos.contiguous()
+    bad = torch.tensor([[0, 1, pos.shape[1]], [-1, 0, 1]], dtype=torch.int32)  # skipped by both
+    faces = torch.cat([faces, bad]).contiguous()
+    cpu = torch.ops.avatar.rasterize_fwd(pos, faces, height, width)
+    tiled = torch.ops.avatar.rasterize_fwd_tiled(pos, faces, height, width)
+    assert (cpu[..., 3] > 0).any()
+    assert torch.equal(tiled, cpu), f"{int((tiled != cpu).any(-1).sum())} pixels differ"
+    assert not (cpu[..., 3] > faces.shape[0] - 2).any()  # the bad triangles drew nothing
+
+
+# --------------------------------------------------------------------------
+# no host synchronisation on CUDA
+
+
+def test_face_indices_are_checked_only_where_free():
+    pos, faces, resolution = sphere_scene(resolution=16)
+    with pytest.raises(ValueError, match=r"faces index vertices in \[0, \d+\] but there are 12 vertices"):
+        raster.rasterize(pos[:12], faces, resolution)
+    # On a device (meta stands in for CUDA: its values cannot be read) the kernels'
+    # index check replaces the wrapper's, which would wait for the device.
+    meta = faces.to("meta")
+    raster._check_face_values(meta, 12, "native", "rasterize")
+    raster._check_face_values(meta, 12, "nvdiffrast", "rasterize")
+    with pytest.raises(RuntimeError, match="meta"):  # the torch engine reads them (and syncs anyway)
+        raster._check_face_values(meta, 12, "torch", "rasterize")
+
+
+def test_interpolate_attr_gradient_does_not_synchronise(monkeypatch):
+    # nonzero's output size lives on the device: the backward must not call it. Bad
+    # vertex indices and empty pixels get zero gradient, as the kernel gives them.
+    pos, faces = random_scene(4)
+    faces = faces[7:].contiguous()
+    rast, _ = raster.rasterize(pos, faces, (40, 48), engine="native")
+    attr = torch.randn(2, pos.shape[1], 3, generator=torch.Generator().manual_seed(8))
+    grad = torch.randn(2, 40, 48, 3, generator=torch.Generator().manual_seed(9))
+    leaf = attr.clone().requires_grad_()
+    want = torch.autograd.grad(raster.interpolate(leaf, rast, faces, engine="torch"), leaf, grad)[0]
+    seen = int(rast[..., 3].max())  # a visible triangle, given a bad index below
+    broken = faces.clone()
+    broken[seen - 1, 0] = pos.shape[1]
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: pytest.fail("torch.nonzero synchronises the device"))
+    got = raster._interpolate_grad_attr(grad, attr, rast, faces)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got_broken = raster._interpolate_grad_attr(grad, attr, rast, broken)
+    spared = (grad * (rast[..., 3] == seen)[..., None]).sum()  # what that triangle would have spread
+    assert spared != 0 and torch.isfinite(got_broken).all()
+    torch.testing.assert_close(got_broken.sum(), want.sum() - spared, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
 # antialias
 
 
@@ -474,22 +556,42 @@ def test_nvdiffrast_wrapper_uses_the_documented_api(monkeypatch):
         calls.append(("interpolate",))
         return ref.interpolate(attr, rast, tri), None
 
+    class TopologyHash:
+        def __init__(self, tri):
+            self.tri = tri
+
+    def antialias_construct_topology_hash(tri):
+        calls.append(("antialias_construct_topology_hash",))
+        return TopologyHash(tri)
+
     def antialias(color, rast, pos, tri, topology_hash=None, pos_gradient_boost=1.0):
+        # The documented API: a hash made by antialias_construct_topology_hash for this tri.
+        assert isinstance(topology_hash, TopologyHash) and topology_hash.tri is tri
         calls.append(("antialias",))
         return ref.antialias(color, rast, pos, tri)
 
     dr = types.SimpleNamespace(
-        RasterizeCudaContext=Context, rasterize=rasterize, interpolate=interpolate, antialias=antialias
+        RasterizeCudaContext=Context, rasterize=rasterize, interpolate=interpolate, antialias=antialias,
+        antialias_construct_topology_hash=antialias_construct_topology_hash,
     )
     monkeypatch.setattr(raster, "_nvdiffrast", lambda: dr)
     monkeypatch.setattr(raster, "resolve_engine", lambda op, engine, device, gpu: "nvdiffrast")
     monkeypatch.setattr(raster, "_contexts", {})
+    monkeypatch.setattr(raster, "_topology_hash_cache", None)
     pos, faces, resolution = sphere_scene(resolution=24)
     rast, db = raster.rasterize(pos, faces, resolution)
     assert db is None
     color = raster.interpolate(torch.rand(pos.shape[0], 3), rast, faces)
     raster.antialias(color, rast, pos, faces)
+    raster.antialias(color, rast, pos, faces)  # same faces: the cached hash
     raster.rasterize(pos, faces, resolution, output_db=True)
     names = [c[0] for c in calls]
-    assert names == ["RasterizeCudaContext", "rasterize", "interpolate", "antialias", "rasterize"]
-    assert calls[1] == ("rasterize", resolution, False) and calls[4] == ("rasterize", resolution, True)
+    assert names == ["RasterizeCudaContext", "rasterize", "interpolate", "antialias_construct_topology_hash",
+                     "antialias", "antialias", "rasterize"]
+    assert calls[1] == ("rasterize", resolution, False) and calls[6] == ("rasterize", resolution, True)
+    # Other faces, or the same tensor modified in place, get a new hash.
+    faces2 = faces.clone()
+    raster.antialias(color, rast, pos, faces2)
+    faces2[0] = faces2[0].flip(0)
+    raster.antialias(color, rast, pos, faces2)
+    assert [c[0] for c in calls[7:]] == ["antialias_construct_topology_hash", "antialias"] * 2

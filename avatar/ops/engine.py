@@ -76,9 +76,12 @@ def resolve_engine(op: str, requested: str, device_type: str, gpu_engines: tuple
         except _native.NativeUnavailable as exc:
             raise EngineError(f"native engine unavailable for {op}: {exc}") from exc
         if device_type == "cuda" and not getattr(module, "with_cuda", False):
+            why = _native.cuda_unavailable_reason()
             raise EngineError(
-                f"native engine for {op} was built without CUDA: install the CUDA toolkit (nvcc) "
-                "matching torch.version.cuda and delete the avatar ext cache to rebuild"
+                f"native engine for {op} was built without CUDA kernels"
+                + (f" ({why})" if why else "")
+                + ": install the CUDA toolkit (nvcc) of torch.version.cuda's major version, set CUDA_HOME to it "
+                "and run again (`avatar doctor` shows what it finds)"
             )
         return "native"
     # auto

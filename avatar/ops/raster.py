@@ -9,9 +9,10 @@ engine serves it:
   are on CUDA, through its documented API only (``RasterizeCudaContext``,
   ``rasterize``, ``interpolate``, ``antialias``), imported on first use;
 - ``native`` (portable engine): our C++ rasteriser (``cuda_ext/src/raster.cpp``,
-  with a simple CUDA fallback in ``raster.cu``) finds the triangle seen at each
-  pixel; barycentrics are recomputed in PyTorch from that triangle, which makes
-  them differentiable in the vertex positions;
+  with a tiled CUDA fallback in ``raster.cu`` whose output equals the CPU
+  engine's bit for bit) finds the triangle seen at each pixel; barycentrics are
+  recomputed in PyTorch from that triangle, which makes them differentiable in
+  the vertex positions;
 - ``torch``: the pure-PyTorch reference, :mod:`avatar.ops.reference.raster`.
 
 Conventions (nvdiffrast's):
@@ -36,6 +37,12 @@ Conventions (nvdiffrast's):
   z/w and the id do not, as in nvdiffrast. ``interpolate`` is differentiable in
   ``attr`` and in ``rast``'s (u, v); ``antialias`` in ``color`` and, through the
   silhouette edges, in ``pos_clip``.
+
+Face indices: on CPU tensors (and on the torch engine) ``faces`` are checked
+against the vertex count with a clear error. On CUDA they are not: reading
+their values would synchronise the device on every call. There a triangle with
+an index outside [0, V) is skipped (never drawn, interpolated or blended), as
+nvdiffrast's kernels and ours do.
 
 Known differences from nvdiffrast: it snaps vertices to 1/16 pixel, so a pixel
 centre within about 1/16 pixel of an edge can go to the other triangle; its
@@ -75,7 +82,8 @@ def _check_pos(pos_clip: torch.Tensor, op: str) -> torch.Tensor:
     return pos_clip.unsqueeze(0) if pos_clip.dim() == 2 else pos_clip
 
 
-def _check_faces(faces: torch.Tensor, num_vertices: int, device: torch.device, op: str) -> None:
+def _check_faces(faces: torch.Tensor, device: torch.device, op: str) -> None:
+    """Shape, dtype and device (free: no data is read)."""
     if not isinstance(faces, torch.Tensor) or faces.dim() != 2 or faces.shape[1] != 3:
         shape = tuple(faces.shape) if isinstance(faces, torch.Tensor) else type(faces).__name__
         raise ValueError(f"{op}: faces must be an (F, 3) tensor, got {shape}")
@@ -85,10 +93,20 @@ def _check_faces(faces: torch.Tensor, num_vertices: int, device: torch.device, o
         raise ValueError(f"{op}: faces are on {faces.device} but the other inputs on {device}")
     if faces.shape[0] >= 1 << 24:
         raise ValueError(f"{op}: at most 2^24 - 1 triangles (ids are stored in float32), got {faces.shape[0]}")
-    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= num_vertices):
+
+
+def _check_face_values(faces: torch.Tensor, num_vertices: int, engine: str, op: str) -> None:
+    """Index range, where it costs nothing: CPU tensors, or the torch engine (which
+    synchronises anyway and would fail on a bad index with a device-side assert).
+    Skipped for the CUDA kernels: ``int(faces.min())`` would wait for the device
+    on every call, and the kernels skip triangles with bad indices."""
+    if faces.numel() == 0 or (faces.device.type != "cpu" and engine != "torch"):
+        return
+    low, high = (int(v) for v in torch.aminmax(faces))
+    if low < 0 or high >= num_vertices:
         raise ValueError(
-            f"{op}: faces index vertices in [{int(faces.min())}, {int(faces.max())}] but there are "
-            f"{num_vertices} vertices"
+            f"{op}: faces index vertices in [{low}, {high}] but there are {num_vertices} vertices "
+            "(faces must index rows of pos_clip / attr)"
         )
 
 
@@ -180,9 +198,10 @@ def rasterize(
     are nvdiffrast's and listed in this module's docstring.
     """
     pos = _check_pos(pos_clip, "rasterize")
-    _check_faces(faces, pos.shape[1], pos.device, "rasterize")
+    _check_faces(faces, pos.device, "rasterize")
     height, width = _check_resolution(resolution)
     choice = _engine("rasterize", engine, pos.device, pos)
+    _check_face_values(faces, pos.shape[1], choice, "rasterize")
     if choice == "nvdiffrast":
         return _nvdiffrast_rasterize(pos, faces, (height, width), output_db)
     if choice == "torch":
@@ -201,20 +220,31 @@ def rasterize(
 
 
 def _interpolate_grad_attr(grad, attr, rast, faces):
-    """d out / d attr: each pixel's gradient spread over its triangle's vertices by (u, v, 1 - u - v)."""
+    """d out / d attr: each pixel's gradient spread over its triangle's vertices by (u, v, 1 - u - v).
+
+    Dense over pixels (empty ones and triangles with bad indices add zeros), so
+    nothing waits for the device: no ``nonzero``, whose output size needs a sync.
+    """
     attr_batch, num_vertices, channels = attr.shape
-    height, width = rast.shape[1], rast.shape[2]
-    tri = rast[..., 3].reshape(-1).long() - 1
-    sel = torch.nonzero((tri >= 0) & (tri < faces.shape[0])).squeeze(1)
-    flat = rast.reshape(-1, 4)[sel]
-    u, v = flat[:, 0], flat[:, 1]
-    weights = torch.stack([u, v, (1.0 - u) - v], dim=1)  # (N, 3)
-    vid = faces.long()[tri[sel]]
-    if attr_batch > 1:
-        vid = vid + (sel // (height * width) * num_vertices)[:, None]
-    contrib = weights[:, :, None] * grad.reshape(-1, channels)[sel][:, None, :]
+    pixels = rast.shape[1] * rast.shape[2]
+    num_faces = faces.shape[0]
     out = torch.zeros(attr_batch * num_vertices, channels, dtype=attr.dtype, device=attr.device)
-    out.index_add_(0, vid.reshape(-1), contrib.reshape(-1, channels))
+    if num_faces == 0 or num_vertices == 0:
+        return out.view(attr_batch, num_vertices, channels)
+    tri = rast[..., 3].reshape(-1).long() - 1
+    valid = (tri >= 0) & (tri < num_faces)
+    vid = faces.long()[tri.clamp(0, num_faces - 1)]  # (N, 3)
+    valid &= ((vid >= 0) & (vid < num_vertices)).all(1)  # as the kernel's raster_pixel_vertices
+    vid = vid.clamp(0, num_vertices - 1)
+    if attr_batch > 1:
+        image = torch.arange(tri.shape[0], device=tri.device) // pixels
+        vid = vid + (image * num_vertices)[:, None]
+    flat = rast.reshape(-1, 4)
+    u, v = flat[:, 0], flat[:, 1]
+    grad_flat = grad.reshape(-1, channels)
+    for corner, weight in enumerate((u, v, (1.0 - u) - v)):
+        contrib = torch.where(valid[:, None], weight[:, None] * grad_flat, 0.0)
+        out.index_add_(0, vid[:, corner], contrib)
     return out.view(attr_batch, num_vertices, channels)
 
 
@@ -260,8 +290,9 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor, eng
         raise TypeError(f"interpolate: attr must be float32, got {attr3.dtype}")
     if attr3.device != rast.device:
         raise ValueError(f"interpolate: attr is on {attr3.device} but rast on {rast.device}")
-    _check_faces(faces, attr3.shape[1], rast.device, "interpolate")
+    _check_faces(faces, rast.device, "interpolate")
     choice = _engine("interpolate", engine, rast.device, attr3, rast)
+    _check_face_values(faces, attr3.shape[1], choice, "interpolate")
     if choice == "nvdiffrast":
         out, _ = _nvdiffrast().interpolate(attr.contiguous(), rast.contiguous(), faces.contiguous())
         return out
@@ -274,6 +305,20 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor, eng
 # antialias
 
 _topology_cache: tuple[weakref.ref, int, torch.Tensor] | None = None
+_topology_hash_cache: tuple[weakref.ref, int, Any] | None = None
+
+
+def _nvdiffrast_topology_hash(faces: torch.Tensor):
+    """nvdiffrast's ``antialias_construct_topology_hash`` for ``faces``, built once per
+    face tensor (and rebuilt if it is modified in place): without it nvdiffrast's
+    ``antialias`` rebuilds the hash on every call."""
+    global _topology_hash_cache
+    cached = _topology_hash_cache
+    if cached is not None and cached[0]() is faces and cached[1] == faces._version:
+        return cached[2]
+    topology = _nvdiffrast().antialias_construct_topology_hash(faces)
+    _topology_hash_cache = (weakref.ref(faces), faces._version, topology)
+    return topology
 
 
 def opposite_vertices(faces: torch.Tensor) -> torch.Tensor:
@@ -324,12 +369,16 @@ def antialias(
         raise ValueError(f"antialias: pos_clip has batch {pos.shape[0]} but rast has {rast.shape[0]} images")
     if color.device != pos.device or rast.device != pos.device:
         raise ValueError("antialias: color, rast and pos_clip must be on one device")
-    _check_faces(faces, pos.shape[1], pos.device, "antialias")
+    _check_faces(faces, pos.device, "antialias")
     if pos.shape[0] != rast.shape[0]:
         pos = pos.expand(rast.shape[0], -1, -1)
     choice = _engine("antialias", engine, pos.device, color, pos, rast)
+    _check_face_values(faces, pos.shape[1], choice, "antialias")
     if choice == "nvdiffrast":
-        return _nvdiffrast().antialias(color.contiguous(), rast.contiguous(), pos.contiguous(), faces.contiguous())
+        tri = faces.contiguous()  # the same tensor when already contiguous, so the hash cache hits
+        return _nvdiffrast().antialias(
+            color.contiguous(), rast.contiguous(), pos.contiguous(), tri, topology_hash=_nvdiffrast_topology_hash(tri)
+        )
     if choice == "torch":
         return reference.antialias(color, rast, pos, faces)
     codes = torch.ops.avatar.antialias_analysis(

@@ -7,7 +7,10 @@
 #include "avatar/checks.h"
 
 #ifdef AVATAR_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers only: <ATen/cuda/CUDAContext.h> pulls in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit with just nvcc and cudart lacks.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace avatar {
@@ -23,8 +26,10 @@ static at::Tensor axpy(const at::Tensor& x, const at::Tensor& y, double alpha) {
   const float a = static_cast<float>(alpha);
   if (x.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
-    const int err = axpy_cuda(a, x.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), n,
-                              at::cuda::getCurrentCUDAStream().stream());
+    // Launch on x's device and its current stream (not device 0's).
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(x));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    const int err = axpy_cuda(a, x.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), n, stream);
     TORCH_CHECK(err == 0, "axpy: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "axpy: avatar._C was built without CUDA; rebuild on a machine with nvcc");

@@ -12,7 +12,10 @@
 #include "avatar/composite.h"
 
 #ifdef AVATAR_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers only: <ATen/cuda/CUDAContext.h> pulls in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit with just nvcc and cudart lacks.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace avatar {
@@ -85,11 +88,13 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> co
   }
   if (sigmas.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(sigmas));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = composite_forward_cuda(
         sigmas.scalar_type() == at::kDouble, sigmas.data_ptr(), rgbs.data_ptr(), deltas.data_ptr(),
         ts.data_ptr(), offsets.data_ptr<int64_t>(), n_rays, static_cast<int>(channels), threshold,
         weights.data_ptr(), opacity.data_ptr(), depth.data_ptr(), colour.data_ptr(),
-        n_active.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream().stream());
+        n_active.data_ptr<int64_t>(), stream);
     TORCH_CHECK(err == 0, "composite_forward: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "composite: avatar._C was built without CUDA; rebuild on a machine with nvcc");
@@ -166,13 +171,15 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_back
   };
   if (sigmas.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(sigmas));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = composite_backward_cuda(
         sigmas.scalar_type() == at::kDouble, ptr_or_null(grad_weights), ptr_or_null(grad_opacity),
         ptr_or_null(grad_depth), ptr_or_null(grad_colour), sigmas.data_ptr(), rgbs.data_ptr(),
         deltas.data_ptr(), ts.data_ptr(), weights.data_ptr(), offsets.data_ptr<int64_t>(),
         n_active.data_ptr<int64_t>(), n_rays, static_cast<int>(channels), grad_sigmas.data_ptr(),
         need_rgbs ? grad_rgbs.data_ptr() : nullptr, need_deltas ? grad_deltas.data_ptr() : nullptr,
-        need_ts ? grad_ts.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream().stream());
+        need_ts ? grad_ts.data_ptr() : nullptr, stream);
     TORCH_CHECK(err == 0, "composite_backward: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "composite: avatar._C was built without CUDA; rebuild on a machine with nvcc");

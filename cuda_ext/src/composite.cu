@@ -1,7 +1,12 @@
 // CUDA launchers for ray compositing (math in include/avatar/composite.h).
 // Depends only on the CUDA runtime and our headers. One thread per ray: rays
 // are short (tens to hundreds of samples) and independent, as in Instant-NGP's
-// composite kernels; accumulation is in the sample type.
+// composite kernels. The running sums (optical depth, opacity, depth, colour and
+// the backward's suffix sum) accumulate in double, as on the CPU: a float sum
+// over hundreds of samples drifts in its last bits (~1e-5 relative), and one
+// double add per sample is cheap next to the memory traffic even at consumer
+// GPUs' FP64 rate. The result matches the CPU engine within the tolerance
+// stated in composite.h, not bit for bit.
 #include <cuda_runtime.h>
 
 #include "avatar/composite.h"
@@ -18,7 +23,7 @@ __global__ void composite_forward_kernel(const T* __restrict__ sigmas, const T* 
                                          T* __restrict__ colour, int64_t* __restrict__ n_active) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= n_rays) return;
-  n_active[r] = composite_ray_forward<T, T, K>(sigmas, rgbs, deltas, ts, offsets[r], offsets[r + 1],
+  n_active[r] = composite_ray_forward<T, double, K>(sigmas, rgbs, deltas, ts, offsets[r], offsets[r + 1],
                                             channels, threshold, weights, opacity + r, depth + r,
                                             colour + r * channels);
 }
@@ -37,7 +42,7 @@ __global__ void composite_backward_kernel(
   CompositeRayGrads<T> grads{grad_weights, grad_opacity != nullptr ? grad_opacity[r] : T(0),
                              grad_depth != nullptr ? grad_depth[r] : T(0),
                              grad_colour != nullptr ? grad_colour + r * channels : nullptr};
-  composite_ray_backward<T, T, K>(grads, sigmas, rgbs, deltas, ts, weights, offsets[r], offsets[r + 1],
+  composite_ray_backward<T, double, K>(grads, sigmas, rgbs, deltas, ts, weights, offsets[r], offsets[r + 1],
                                n_active[r], channels, grad_sigmas, grad_rgbs, grad_deltas, grad_ts);
 }
 

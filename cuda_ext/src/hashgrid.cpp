@@ -28,7 +28,10 @@
 #include "avatar/hashgrid.h"
 
 #ifdef AVATAR_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers only: <ATen/cuda/CUDAContext.h> pulls in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit with just nvcc and cudart lacks.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace avatar {
@@ -345,10 +348,12 @@ static at::Tensor hashgrid_forward(const at::Tensor& points, const at::Tensor& t
   if (n == 0) return out;
   if (points.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(points));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = hashgrid_forward_cuda(
         points.data_ptr(), points.scalar_type() == at::kDouble, table.data_ptr(),
         table_kind(table), out.data_ptr(), n, static_cast<int>(f), lv,
-        at::cuda::getCurrentCUDAStream().stream());
+        stream);
     TORCH_CHECK(err == 0, "hashgrid_forward: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "hashgrid: avatar._C was built without CUDA; rebuild on a machine with nvcc");
@@ -399,11 +404,13 @@ static std::tuple<at::Tensor, at::Tensor> hashgrid_backward(
   }
   if (points.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(points));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = hashgrid_backward_cuda(
         grad_out.data_ptr(), points.data_ptr(), points.scalar_type() == at::kDouble,
         table.data_ptr(), table_kind(table), need_table_grad ? grad_table.data_ptr() : nullptr,
         need_points_grad ? grad_points.data_ptr() : nullptr, n, static_cast<int>(f), lv,
-        at::cuda::getCurrentCUDAStream().stream());
+        stream);
     TORCH_CHECK(err == 0, "hashgrid_backward: CUDA launch failed with error ", err);
     // float16 tables accumulate their gradient in float32 (atomics on halves are slow
     // and lossy); the parameter's gradient must have its dtype.

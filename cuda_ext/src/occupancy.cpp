@@ -12,7 +12,10 @@
 #include "avatar/occupancy.h"
 
 #ifdef AVATAR_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers only: <ATen/cuda/CUDAContext.h> pulls in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit with just nvcc and cudart lacks.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace avatar {
@@ -56,7 +59,8 @@ static std::tuple<at::Tensor, at::Tensor> occupancy_march(
   at::Tensor counts = at::empty({n_rays}, rays_o.options().dtype(at::kLong));
   if (rays_o.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
-    auto stream = at::cuda::getCurrentCUDAStream().stream();
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(rays_o));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     int err = occupancy_march_count_cuda(
         rays_o.data_ptr<float>(), rays_d.data_ptr<float>(), near.data_ptr<float>(),
         far.data_ptr<float>(), jitter.data_ptr<float>(), bitfield.data_ptr<uint8_t>(), res,

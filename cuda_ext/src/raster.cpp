@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -17,7 +18,10 @@
 #include "avatar/checks.h"
 
 #ifdef AVATAR_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers only: <ATen/cuda/CUDAContext.h> pulls in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which a toolkit with just nvcc and cudart lacks.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 // Bit-exact agreement with the PyTorch reference needs every multiply and add
@@ -159,7 +163,80 @@ void rasterize_cpu(const float* pos, const int32_t* faces, int64_t batch, int64_
   });
 }
 
+// The CUDA rasteriser (raster.cu) run on the CPU: the same setup, tile walk and
+// per-pixel functions from raster.h, one tile after another. Only for tests: it
+// lets CPU-only CI compare the GPU algorithm with the band rasteriser above.
+void rasterize_tiled_cpu(const float* pos, const int32_t* faces, int64_t batch, int64_t num_vertices,
+                         int64_t num_faces, int height, int width, float* out) {
+  std::unique_ptr<RasterTri[]> tris(new RasterTri[static_cast<size_t>(std::max<int64_t>(1, batch * num_faces))]);
+  for (int64_t i = 0; i < batch * num_faces; ++i) {  // raster_setup_kernel
+    const int64_t b = i / num_faces, f = i % num_faces;
+    const int32_t* tri = faces + 3 * f;
+    RasterTri& t = tris[i];
+    bool ok = true;
+    for (int k = 0; k < 3; ++k) ok = ok && tri[k] >= 0 && tri[k] < num_vertices;
+    if (!ok) {
+      t.drawn = 0;
+      t.x0 = t.y0 = 1;
+      t.x1 = t.y1 = 0;
+    } else {
+      const float* base = pos + b * num_vertices * 4;
+      raster_setup(base + 4 * tri[0], base + 4 * tri[1], base + 4 * tri[2], height, width, t);
+    }
+  }
+  const int tiles_x = (width + kRasterTile - 1) / kRasterTile;
+  const int tiles_y = (height + kRasterTile - 1) / kRasterTile;
+  at::parallel_for(0, batch * tiles_y * tiles_x, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> candidates;
+    for (int64_t job = begin; job < end; ++job) {  // one raster_tile_kernel block
+      const int64_t b = job / (static_cast<int64_t>(tiles_y) * tiles_x);
+      const int tx0 = static_cast<int>(job % tiles_x) * kRasterTile;
+      const int ty0 = static_cast<int>((job / tiles_x) % tiles_y) * kRasterTile;
+      const int tx1 = std::min(tx0 + kRasterTile, width) - 1;
+      const int ty1 = std::min(ty0 + kRasterTile, height) - 1;
+      const RasterTri* image_tris = tris.get() + b * num_faces;
+      float best_z[kThreadsPerBlock];
+      int32_t best_f[kThreadsPerBlock];
+      std::fill(best_z, best_z + kThreadsPerBlock, std::numeric_limits<float>::infinity());
+      std::fill(best_f, best_f + kThreadsPerBlock, -1);
+      for (int64_t chunk = 0; chunk < num_faces; chunk += kThreadsPerBlock) {
+        candidates.clear();
+        // Reversed, as the GPU's shared list comes in any order.
+        for (int64_t f = std::min<int64_t>(num_faces, chunk + kThreadsPerBlock) - 1; f >= chunk; --f) {
+          if (raster_tile_overlaps(image_tris[f], tx0, ty0, tx1, ty1)) candidates.push_back(static_cast<int32_t>(f));
+        }
+        for (int k = 0; k < kThreadsPerBlock; ++k) {
+          const int x = tx0 + k % kRasterTile, y = ty0 + k / kRasterTile;
+          if (x > tx1 || y > ty1) continue;
+          const double fx = raster_pixel_ndc(x, width), fy = raster_pixel_ndc(y, height);
+          for (const int32_t c : candidates) raster_pixel_update(image_tris[c], c, x, y, fx, fy, best_z[k], best_f[k]);
+        }
+      }
+      for (int k = 0; k < kThreadsPerBlock; ++k) {
+        const int x = tx0 + k % kRasterTile, y = ty0 + k / kRasterTile;
+        if (x > tx1 || y > ty1) continue;
+        raster_pixel_output(image_tris, best_f[k], raster_pixel_ndc(x, width), raster_pixel_ndc(y, height),
+                            out + 4 * ((b * height + y) * static_cast<int64_t>(width) + x));
+      }
+    }
+  });
+}
+
 }  // namespace
+
+// Test-only: the CUDA kernel's algorithm on CPU tensors (see rasterize_tiled_cpu).
+static at::Tensor rasterize_fwd_tiled(const at::Tensor& pos, const at::Tensor& faces, int64_t height, int64_t width) {
+  check_pos(pos);
+  check_faces(faces);
+  TORCH_CHECK(pos.is_cpu() && faces.is_cpu(), "rasterize_fwd_tiled: CPU tensors only (it emulates the CUDA kernel)");
+  TORCH_CHECK(height > 0 && width > 0 && height <= 16384 && width <= 16384,
+              "resolution must be in [1, 16384], got ", height, " x ", width);
+  at::Tensor out = at::empty({pos.size(0), height, width, 4}, pos.options());
+  if (out.numel() == 0) return out;
+  rasterize_tiled_cpu(pos.data_ptr<float>(), faces.data_ptr<int32_t>(), pos.size(0), pos.size(1), faces.size(0),
+                      static_cast<int>(height), static_cast<int>(width), out.data_ptr<float>());
+  return out;
+}
 
 // pos: (B, V, 4) float32 clip space; faces: (F, 3) int32 -> rast (B, H, W, 4).
 static at::Tensor rasterize_fwd(const at::Tensor& pos, const at::Tensor& faces, int64_t height, int64_t width) {
@@ -173,14 +250,15 @@ static at::Tensor rasterize_fwd(const at::Tensor& pos, const at::Tensor& faces, 
   if (out.numel() == 0) return out;
   if (pos.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    TORCH_CHECK(batch <= 65535, "rasterize: at most 65535 images per call on CUDA, got ", batch);
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(pos));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     at::Tensor scratch = at::empty({std::max<int64_t>(1, batch * num_faces * int64_t(sizeof(RasterTri)))},
                                    pos.options().dtype(at::kByte));
-    at::Tensor keys = at::empty({batch * height * width}, pos.options().dtype(at::kLong));
     const int err = rasterize_cuda(pos.data_ptr<float>(), faces.data_ptr<int32_t>(), batch, num_vertices,
                                    num_faces, static_cast<int>(height), static_cast<int>(width),
-                                   reinterpret_cast<RasterTri*>(scratch.data_ptr<uint8_t>()),
-                                   reinterpret_cast<unsigned long long*>(keys.data_ptr<int64_t>()),
-                                   out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
+                                   reinterpret_cast<RasterTri*>(scratch.data_ptr<uint8_t>()), out.data_ptr<float>(),
+                                   stream);
     TORCH_CHECK(err == 0, "rasterize: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "rasterize: avatar._C was built without CUDA; rebuild on a machine with nvcc");
@@ -206,10 +284,12 @@ static at::Tensor interpolate_fwd(const at::Tensor& attr, const at::Tensor& rast
   if (out.numel() == 0) return out;
   if (rast.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(rast));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = interpolate_cuda(attr.data_ptr<float>(), attr_batch, rast.data_ptr<float>(),
                                      faces.data_ptr<int32_t>(), batch, num_vertices, num_faces,
                                      static_cast<int>(channels), static_cast<int>(height), static_cast<int>(width),
-                                     out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
+                                     out.data_ptr<float>(), stream);
     TORCH_CHECK(err == 0, "interpolate: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "interpolate: avatar._C was built without CUDA; rebuild on a machine with nvcc");
@@ -252,10 +332,12 @@ static at::Tensor interpolate_grad_rast(const at::Tensor& grad, const at::Tensor
   if (out.numel() == 0) return out;
   if (rast.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(rast));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = interpolate_grad_rast_cuda(
         grad.data_ptr<float>(), attr.data_ptr<float>(), attr_batch, rast.data_ptr<float>(), faces.data_ptr<int32_t>(),
         batch, num_vertices, num_faces, static_cast<int>(channels), static_cast<int>(height), static_cast<int>(width),
-        out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());
+        out.data_ptr<float>(), stream);
     TORCH_CHECK(err == 0, "interpolate_grad_rast: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "interpolate_grad_rast: avatar._C was built without CUDA; rebuild on a machine with nvcc");
@@ -301,10 +383,12 @@ static at::Tensor antialias_analysis(const at::Tensor& rast, const at::Tensor& p
   if (codes.numel() == 0) return codes;
   if (rast.is_cuda()) {
 #ifdef AVATAR_WITH_CUDA
+    const c10::cuda::OptionalCUDAGuard device_guard(at::device_of(rast));
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const int err = antialias_analysis_cuda(rast.data_ptr<float>(), pos.data_ptr<float>(), faces.data_ptr<int32_t>(),
                                             opposite.data_ptr<int32_t>(), batch, num_vertices, num_faces,
                                             static_cast<int>(height), static_cast<int>(width),
-                                            codes.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream().stream());
+                                            codes.data_ptr<int32_t>(), stream);
     TORCH_CHECK(err == 0, "antialias_analysis: CUDA launch failed with error ", err);
 #else
     TORCH_CHECK(false, "antialias_analysis: avatar._C was built without CUDA; rebuild on a machine with nvcc");
@@ -338,6 +422,7 @@ static at::Tensor antialias_analysis(const at::Tensor& rast, const at::Tensor& p
 
 TORCH_LIBRARY_FRAGMENT(avatar, m) {
   m.def("rasterize_fwd(Tensor pos, Tensor faces, int height, int width) -> Tensor");
+  m.def("rasterize_fwd_tiled(Tensor pos, Tensor faces, int height, int width) -> Tensor");
   m.def("interpolate_fwd(Tensor attr, Tensor rast, Tensor faces) -> Tensor");
   m.def("interpolate_grad_rast(Tensor grad, Tensor attr, Tensor rast, Tensor faces) -> Tensor");
   m.def("antialias_analysis(Tensor rast, Tensor pos, Tensor faces, Tensor opposite) -> Tensor");
@@ -345,6 +430,7 @@ TORCH_LIBRARY_FRAGMENT(avatar, m) {
 
 TORCH_LIBRARY_IMPL(avatar, CPU, m) {
   m.impl("rasterize_fwd", &avatar::rasterize_fwd);
+  m.impl("rasterize_fwd_tiled", &avatar::rasterize_fwd_tiled);
   m.impl("interpolate_fwd", &avatar::interpolate_fwd);
   m.impl("interpolate_grad_rast", &avatar::interpolate_grad_rast);
   m.impl("antialias_analysis", &avatar::antialias_analysis);

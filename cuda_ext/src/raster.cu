@@ -2,11 +2,28 @@
 // the CUDA runtime and our headers; the per-element math is in avatar/raster.h.
 //
 // The GPU engine of choice is nvdiffrast; these kernels are the portable fallback
-// when our extension is built with CUDA: setup per triangle, one thread per
-// triangle walking its bounding box with a 64-bit atomicMin depth test (depth bits
-// then triangle id, so ties go to the lower id as on the CPU), and a per-pixel
-// resolve. nvcc contracts multiply-adds, so pixels exactly on an edge may be
-// decided differently from the CPU engine (consistently between neighbours).
+// when our extension is built with CUDA. Rasterisation is tiled: a setup kernel
+// (one thread per triangle, double precision as on the CPU) writes each
+// triangle's edge functions, depth plane and pixel box; then one block per
+// kRasterTile^2 tile of one image, one thread per pixel, walks the triangles in
+// chunks of kThreadsPerBlock: each thread tests one triangle's box against the
+// tile, the survivors go to a shared list, and every pixel runs the exact test on
+// the list (raster_pixel_update), keeping its closest (z/w, id) in registers. No
+// atomics on the image, no sorting, no host synchronisation; the resolve is done
+// by the thread that owns the pixel. The exact test stays in double (float32 edge
+// functions would decide pixels near edges unlike the CPU engine); it runs only
+// for (pixel, triangle) pairs inside the triangle's pixel box, about the covered
+// area, so even consumer GPUs' 1/64-rate FP64 is not what limits it: the tile
+// walk over the triangle boxes (integers) is.
+//
+// Exactness: all floating-point math in raster.h is written with mul_rn / add_rn /
+// div_rn (never fused into multiply-adds), and the extension is compiled without
+// --use_fast_math, so every kernel here gives bit for bit the CPU engine's output
+// (and the reference's): tests/test_cuda_compile.py checks the PTX for fused or
+// contractible float operations. Triangles with a vertex index outside [0, V) are
+// not drawn (interpolate and antialias skip them too), so bad indices cannot read
+// out of bounds; the Python wrapper does not check index values on CUDA, as that
+// would synchronise the device.
 #include <cuda_runtime.h>
 
 #include "avatar/raster.h"
@@ -14,6 +31,8 @@
 namespace avatar {
 
 namespace {
+
+static_assert(kRasterTile * kRasterTile == kThreadsPerBlock, "one thread per pixel of a tile");
 
 __global__ void raster_setup_kernel(const float* __restrict__ pos, const int32_t* __restrict__ faces, int64_t batch,
                                     int64_t num_vertices, int64_t num_faces, int height, int width,
@@ -27,10 +46,8 @@ __global__ void raster_setup_kernel(const float* __restrict__ pos, const int32_t
   for (int k = 0; k < 3; ++k) ok = ok && tri[k] >= 0 && tri[k] < num_vertices;
   if (!ok) {
     t.drawn = 0;
-    t.x0 = 1;
-    t.x1 = 0;
-    t.y0 = 0;
-    t.y1 = -1;
+    t.x0 = t.y0 = 1;
+    t.x1 = t.y1 = 0;
   } else {
     const float* base = pos + b * num_vertices * 4;
     raster_setup(base + 4 * tri[0], base + 4 * tri[1], base + 4 * tri[2], height, width, t);
@@ -38,48 +55,45 @@ __global__ void raster_setup_kernel(const float* __restrict__ pos, const int32_t
   tris[i] = t;
 }
 
-__global__ void raster_clear_kernel(unsigned long long* __restrict__ keys, int64_t n) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) keys[i] = kRasterEmptyKey;
-}
-
-__global__ void raster_cover_kernel(const RasterTri* __restrict__ tris, int64_t batch, int64_t num_faces, int height,
-                                    int width, unsigned long long* __restrict__ keys) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= batch * num_faces) return;
-  const RasterTri t = tris[i];
-  if (t.x0 > t.x1 || t.y0 > t.y1) return;
-  const int64_t b = i / num_faces, f = i % num_faces;
-  unsigned long long* image = keys + b * static_cast<int64_t>(height) * width;
-  for (int y = t.y0; y <= t.y1; ++y) {
-    const double fy = raster_pixel_ndc(y, height);
-    const double rowc[3] = {t.b[0] * fy + t.c[0], t.b[1] * fy + t.c[1], t.b[2] * fy + t.c[2]};
-    const double rowz = t.dz[1] * fy + t.dz[2];
-    int xs = t.x0, xe = t.x1;
-    if (!raster_row_span(t, fy, rowc, xs, xe)) continue;
-    for (int x = xs; x <= xe; ++x) {
-      float z;
-      if (raster_sample(t, raster_pixel_ndc(x, width), rowc, rowz, z))
-        atomicMin(image + static_cast<int64_t>(y) * width + x, raster_depth_key(z, f));
+// grid (tiles along x, tiles along y, batch), kThreadsPerBlock threads: thread k
+// owns pixel (k % kRasterTile, k / kRasterTile) of its tile.
+__global__ void raster_tile_kernel(const RasterTri* __restrict__ tris, int64_t num_faces, int height, int width,
+                                   float* __restrict__ out) {
+  __shared__ int32_t candidates[kThreadsPerBlock];
+  __shared__ int n_candidates;
+  const int64_t b = blockIdx.z;
+  const int tx0 = static_cast<int>(blockIdx.x) * kRasterTile;
+  const int ty0 = static_cast<int>(blockIdx.y) * kRasterTile;
+  const int tx1 = min(tx0 + kRasterTile, width) - 1;
+  const int ty1 = min(ty0 + kRasterTile, height) - 1;
+  const int x = tx0 + static_cast<int>(threadIdx.x) % kRasterTile;
+  const int y = ty0 + static_cast<int>(threadIdx.x) / kRasterTile;
+  const bool inside = x <= tx1 && y <= ty1;
+  const double fx = raster_pixel_ndc(x, width);
+  const double fy = raster_pixel_ndc(y, height);
+  const RasterTri* image_tris = tris + b * num_faces;
+  float best_z = INFINITY;
+  int32_t best_f = -1;
+  for (int64_t chunk = 0; chunk < num_faces; chunk += kThreadsPerBlock) {
+    if (threadIdx.x == 0) n_candidates = 0;
+    __syncthreads();
+    const int64_t f = chunk + threadIdx.x;
+    if (f < num_faces && raster_tile_overlaps(image_tris[f], tx0, ty0, tx1, ty1)) {
+      candidates[atomicAdd(&n_candidates, 1)] = static_cast<int32_t>(f);
     }
+    __syncthreads();
+    if (inside) {
+      const int n = n_candidates;
+      for (int k = 0; k < n; ++k) {
+        const int32_t c = candidates[k];
+        raster_pixel_update(image_tris[c], c, x, y, fx, fy, best_z, best_f);
+      }
+    }
+    __syncthreads();  // the list is rebuilt for the next chunk
   }
-}
-
-__global__ void raster_resolve_kernel(const RasterTri* __restrict__ tris, const unsigned long long* __restrict__ keys,
-                                      int64_t batch, int64_t num_faces, int height, int width, float* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t pixels = static_cast<int64_t>(height) * width;
-  if (i >= batch * pixels) return;
-  float* o = out + 4 * i;
-  const unsigned long long key = keys[i];
-  if (key == kRasterEmptyKey) {
-    o[0] = o[1] = o[2] = o[3] = 0.0f;
-    return;
+  if (inside) {
+    raster_pixel_output(image_tris, best_f, fx, fy, out + 4 * ((b * height + y) * static_cast<int64_t>(width) + x));
   }
-  const int64_t b = i / pixels, p = i % pixels;
-  const int y = static_cast<int>(p / width), x = static_cast<int>(p % width);
-  const int64_t f = static_cast<int64_t>(key & 0xffffffffull);
-  raster_resolve(tris[b * num_faces + f], raster_pixel_ndc(x, width), raster_pixel_ndc(y, height), f, o);
 }
 
 __global__ void interpolate_kernel(const float* __restrict__ attr, int64_t attr_batch, const float* __restrict__ rast,
@@ -124,19 +138,18 @@ inline unsigned int grid_for(int64_t n) { return static_cast<unsigned int>(num_b
 }  // namespace
 
 int rasterize_cuda(const float* pos, const int32_t* faces, int64_t batch, int64_t num_vertices, int64_t num_faces,
-                   int height, int width, RasterTri* tris, unsigned long long* keys, float* out, void* stream) {
+                   int height, int width, RasterTri* tris, float* out, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int64_t pixels = batch * static_cast<int64_t>(height) * width;
-  if (pixels == 0) return static_cast<int>(cudaSuccess);
-  raster_clear_kernel<<<grid_for(pixels), kThreadsPerBlock, 0, s>>>(keys, pixels);
-  if (batch * num_faces > 0) {
+  if (batch * static_cast<int64_t>(height) * width == 0) return static_cast<int>(cudaSuccess);
+  if (batch > 65535) return static_cast<int>(cudaErrorInvalidValue);
+  if (num_faces > 0) {
     raster_setup_kernel<<<grid_for(batch * num_faces), kThreadsPerBlock, 0, s>>>(pos, faces, batch, num_vertices,
                                                                                  num_faces, height, width, tris);
-    raster_cover_kernel<<<grid_for(batch * num_faces), kThreadsPerBlock, 0, s>>>(tris, batch, num_faces, height,
-                                                                                 width, keys);
   }
-  raster_resolve_kernel<<<grid_for(pixels), kThreadsPerBlock, 0, s>>>(tris, keys, batch, num_faces, height, width,
-                                                                      out);
+  const dim3 tiles(static_cast<unsigned int>((width + kRasterTile - 1) / kRasterTile),
+                   static_cast<unsigned int>((height + kRasterTile - 1) / kRasterTile),
+                   static_cast<unsigned int>(batch));
+  raster_tile_kernel<<<tiles, kThreadsPerBlock, 0, s>>>(tris, num_faces, height, width, out);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -17,6 +17,10 @@
 
 #include <cmath>
 
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
+
 #include "avatar/common.h"
 
 namespace avatar {
@@ -33,6 +37,25 @@ struct HashGridLevels {
 
 // Dtypes the CUDA launchers accept for the table (the `.cu` side cannot see at::ScalarType).
 enum class HashGridDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2 };
+
+// A table entry as the compute type T. float16 entries convert through the
+// documented cuda_fp16 intrinsic only: torch's JIT build defines
+// __CUDA_NO_HALF_CONVERSIONS__ (and __CUDA_NO_HALF_OPERATORS__), which removes
+// __half's implicit conversions and operators, so a static_cast does not compile.
+template <typename T>
+AVATAR_HD T hashgrid_entry(float v) {
+  return static_cast<T>(v);
+}
+template <typename T>
+AVATAR_HD T hashgrid_entry(double v) {
+  return static_cast<T>(v);
+}
+#if defined(__CUDACC__)
+template <typename T>
+AVATAR_HD T hashgrid_entry(__half v) {
+  return static_cast<T>(__half2float(v));
+}
+#endif
 
 // Position of coordinate x in a level of float scale `scale`: cell index and fraction.
 // x is clamped to [0, 1] (NaN counts as 0) so every row stays inside the table.
@@ -127,7 +150,7 @@ AVATAR_HD void hashgrid_gather(const HashGridCorners<T>& k, const TT* __restrict
   for (int c = 0; c < 8; ++c) {
     const TT* v = table + static_cast<int64_t>(k.row[c]) * F;
 #pragma unroll
-    for (int f = 0; f < F; ++f) acc[f] += k.weight[c] * static_cast<T>(v[f]);
+    for (int f = 0; f < F; ++f) acc[f] += k.weight[c] * hashgrid_entry<T>(v[f]);
   }
 #pragma unroll
   for (int f = 0; f < F; ++f) out[f] = acc[f];
@@ -155,7 +178,7 @@ AVATAR_HD void hashgrid_point_grad(const T* p, const HashGridCorners<T>& k, T sc
     const TT* v = table + static_cast<int64_t>(k.row[c]) * F;
     T dot = T(0);
 #pragma unroll
-    for (int f = 0; f < F; ++f) dot += g[f] * static_cast<T>(v[f]);
+    for (int f = 0; f < F; ++f) dot += g[f] * hashgrid_entry<T>(v[f]);
     T factor[3];
 #pragma unroll
     for (int d = 0; d < 3; ++d) factor[d] = (c & (1 << d)) ? k.frac[d] : T(1) - k.frac[d];

@@ -19,11 +19,13 @@
 // triangles crossing w = 0 need no clipping. The barycentrics are E_i / sum(E).
 // Evaluated in double from float32 inputs (products of floats are exact in
 // double), in a fixed order that the PyTorch reference repeats operation by
-// operation, so both engines agree bit for bit on CPUs without fused multiply-add
-// contraction. A pixel exactly on an edge (E_i == 0) is decided by the sign of the
-// edge's gradient (a "top-left" rule: the sample is nudged by (eps, eps^2)); the
-// two triangles sharing an edge compute exactly negated edge functions, so such a
-// pixel belongs to exactly one of them.
+// operation, every multiply and add rounded on its own (mul_rn / add_rn: no fused
+// multiply-adds on the GPU; raster.cpp turns contraction off on the CPU), so the
+// CPU engine, the CUDA kernels and the reference agree bit for bit. A pixel
+// exactly on an edge (E_i == 0) is decided by the sign of the edge's gradient
+// (a "top-left" rule: the sample is nudged by (eps, eps^2)); the two triangles
+// sharing an edge compute exactly negated edge functions, so such a pixel belongs
+// to exactly one of them.
 #pragma once
 
 #include <cmath>
@@ -56,9 +58,16 @@ constexpr int kRasterBandRows = 16;
 // the span between the edges (cheaper for the few-pixel triangles of dense meshes).
 constexpr int kRasterSpanMinWidth = 4;
 
-AVATAR_HD bool raster_finite(double v) { return v - v == 0.0; }
+AVATAR_HD bool raster_finite(double v) { return sub_rn(v, v) == 0.0; }
 
-AVATAR_HD double raster_pixel_ndc(int p, int size) { return (2.0 * p + 1.0) / size - 1.0; }
+AVATAR_HD double raster_pixel_ndc(int p, int size) {
+  return sub_rn(div_rn(add_rn(mul_rn(2.0, static_cast<double>(p)), 1.0), static_cast<double>(size)), 1.0);
+}
+
+// (u0 * v0 + u1 * v1) + u2 * v2, each operation rounded on its own.
+AVATAR_HD double raster_dot3(const double* u, const double* v) {
+  return add_rn(add_rn(mul_rn(u[0], v[0]), mul_rn(u[1], v[1])), mul_rn(u[2], v[2]));
+}
 
 // Inside test of one oriented edge: E > 0, or E == 0 with the edge's gradient
 // (a, b) pointing to +x (or to +y when a == 0), i.e. the sample nudged by
@@ -80,7 +89,8 @@ AVATAR_HD int raster_floor(double v) {
 // A pixel index clamped to [-2, size + 2] (NaN -> -2), rounded up or down.
 AVATAR_HD int raster_clamp_index(double v, int size, bool up) {
   if (!(v > -2.0)) v = -2.0;
-  if (v > size + 2.0) v = size + 2.0;
+  const double high = add_rn(static_cast<double>(size), 2.0);
+  if (v > high) v = high;
   return up ? raster_ceil(v) : raster_floor(v);
 }
 
@@ -96,18 +106,18 @@ AVATAR_HD void raster_setup(const float* p0, const float* p1, const float* p2, i
     y[i] = p[i][1];
     z[i] = p[i][2];
     w[i] = p[i][3];
-    sum += (x[i] + y[i]) + (z[i] + w[i]);
+    sum = add_rn(sum, add_rn(add_rn(x[i], y[i]), add_rn(z[i], w[i])));
     any_front = any_front || w[i] > 0.0;
     all_front = all_front && w[i] > 0.0;
   }
   for (int i = 0; i < 3; ++i) {
     const int j = i == 2 ? 0 : i + 1;
     const int k = j == 2 ? 0 : j + 1;
-    t.a[i] = y[j] * w[k] - w[j] * y[k];
-    t.b[i] = w[j] * x[k] - x[j] * w[k];
-    t.c[i] = x[j] * y[k] - y[j] * x[k];
+    t.a[i] = sub_rn(mul_rn(y[j], w[k]), mul_rn(w[j], y[k]));
+    t.b[i] = sub_rn(mul_rn(w[j], x[k]), mul_rn(x[j], w[k]));
+    t.c[i] = sub_rn(mul_rn(x[j], y[k]), mul_rn(y[j], x[k]));
   }
-  const double det = (w[0] * t.c[0] + w[1] * t.c[1]) + w[2] * t.c[2];
+  const double det = raster_dot3(w, t.c);
   t.drawn = raster_finite(sum) && any_front && det != 0.0 && raster_finite(det);
   t.x0 = 0;
   t.x1 = width - 1;
@@ -126,28 +136,28 @@ AVATAR_HD void raster_setup(const float* p0, const float* p1, const float* p2, i
     }
     t.on_edge[i] = raster_edge_inside(0.0, t.a[i], t.b[i]);
   }
-  const double inv_area = 1.0 / (det < 0.0 ? -det : det);
-  t.dz[0] = ((z[0] * t.a[0] + z[1] * t.a[1]) + z[2] * t.a[2]) * inv_area;
-  t.dz[1] = ((z[0] * t.b[0] + z[1] * t.b[1]) + z[2] * t.b[2]) * inv_area;
-  t.dz[2] = ((z[0] * t.c[0] + z[1] * t.c[1]) + z[2] * t.c[2]) * inv_area;
+  const double inv_area = div_rn(1.0, det < 0.0 ? -det : det);
+  t.dz[0] = mul_rn(raster_dot3(z, t.a), inv_area);
+  t.dz[1] = mul_rn(raster_dot3(z, t.b), inv_area);
+  t.dz[2] = mul_rn(raster_dot3(z, t.c), inv_area);
   if (all_front) {
     // Projected bounding box in continuous pixel indices (pixel px is centred at
     // px), widened by 1/1000 pixel against rounding: a conservative cull only, the
     // edge functions decide coverage.
     double lx = 1e300, hx = -1e300, ly = 1e300, hy = -1e300;
     for (int i = 0; i < 3; ++i) {
-      const double iw = 1.0 / w[i];
-      const double sx = (x[i] * iw + 1.0) * (0.5 * width) - 0.5;
-      const double sy = (y[i] * iw + 1.0) * (0.5 * height) - 0.5;
+      const double iw = div_rn(1.0, w[i]);
+      const double sx = sub_rn(mul_rn(add_rn(mul_rn(x[i], iw), 1.0), mul_rn(0.5, static_cast<double>(width))), 0.5);
+      const double sy = sub_rn(mul_rn(add_rn(mul_rn(y[i], iw), 1.0), mul_rn(0.5, static_cast<double>(height))), 0.5);
       lx = sx < lx ? sx : lx;
       hx = sx > hx ? sx : hx;
       ly = sy < ly ? sy : ly;
       hy = sy > hy ? sy : hy;
     }
-    const int bx0 = raster_clamp_index(lx - 1e-3, width, true);
-    const int bx1 = raster_clamp_index(hx + 1e-3, width, false);
-    const int by0 = raster_clamp_index(ly - 1e-3, height, true);
-    const int by1 = raster_clamp_index(hy + 1e-3, height, false);
+    const int bx0 = raster_clamp_index(sub_rn(lx, 1e-3), width, true);
+    const int bx1 = raster_clamp_index(add_rn(hx, 1e-3), width, false);
+    const int by0 = raster_clamp_index(sub_rn(ly, 1e-3), height, true);
+    const int by1 = raster_clamp_index(add_rn(hy, 1e-3), height, false);
     t.x0 = bx0 > 0 ? bx0 : 0;
     t.x1 = bx1 < width - 1 ? bx1 : width - 1;
     t.y0 = by0 > 0 ? by0 : 0;
@@ -159,11 +169,11 @@ AVATAR_HD void raster_setup(const float* p0, const float* p1, const float* p2, i
   if (t.x1 - t.x0 < kRasterSpanMinWidth) return;
   for (int i = 0; i < 3; ++i) {
     if (t.a[i] == 0.0) continue;
-    const double inv_a = 1.0 / t.a[i];
-    const double k1 = -t.b[i] * inv_a, k0 = -t.c[i] * inv_a;
+    const double inv_a = div_rn(1.0, t.a[i]);
+    const double k1 = mul_rn(-t.b[i], inv_a), k0 = mul_rn(-t.c[i], inv_a);
     if (k1 > -1e6 && k1 < 1e6 && k0 > -1e6 && k0 < 1e6) {  // else rounding could exceed the margin
-      t.span1[i] = k1 * (0.5 * width);
-      t.span0[i] = (k0 + 1.0) * (0.5 * width) - 0.5;
+      t.span1[i] = mul_rn(k1, mul_rn(0.5, static_cast<double>(width)));
+      t.span0[i] = sub_rn(mul_rn(add_rn(k0, 1.0), mul_rn(0.5, static_cast<double>(width))), 0.5);
       t.span_edges |= 1 << i;
     }
   }
@@ -172,15 +182,15 @@ AVATAR_HD void raster_setup(const float* p0, const float* p1, const float* p2, i
 // The NDC depth z/w at fx on a row whose dz[1] * fy + dz[2] is rowz, as float32;
 // -0 becomes +0 so that equal depths compare equal everywhere.
 AVATAR_HD float raster_depth(const RasterTri& t, double fx, double rowz) {
-  return static_cast<float>(t.dz[0] * fx + rowz) + 0.0f;
+  return add_rn(static_cast<float>(add_rn(mul_rn(t.dz[0], fx), rowz)), 0.0f);
 }
 
 // Coverage of the sample at NDC x = fx on a row whose b_i * fy + c_i are rowc[i]
 // and dz[1] * fy + dz[2] is rowz. On success writes the depth z/w (in [-1, 1]).
 AVATAR_HD bool raster_sample(const RasterTri& t, double fx, const double rowc[3], double rowz, float& zf) {
-  const double e0 = t.a[0] * fx + rowc[0];
-  const double e1 = t.a[1] * fx + rowc[1];
-  const double e2 = t.a[2] * fx + rowc[2];
+  const double e0 = add_rn(mul_rn(t.a[0], fx), rowc[0]);
+  const double e1 = add_rn(mul_rn(t.a[1], fx), rowc[1]);
+  const double e2 = add_rn(mul_rn(t.a[2], fx), rowc[2]);
   // One branch instead of three: pixels of small triangles are unpredictable.
   const bool inside = ((e0 > 0.0) | ((e0 == 0.0) & (t.on_edge[0] != 0))) &
                       ((e1 > 0.0) | ((e1 == 0.0) & (t.on_edge[1] != 0))) &
@@ -204,13 +214,13 @@ AVATAR_HD bool raster_row_span(const RasterTri& t, double fy, const double rowc[
       continue;
     }
     if (!((t.span_edges >> i) & 1)) continue;
-    const double cross = t.span1[i] * fy + t.span0[i];
+    const double cross = add_rn(mul_rn(t.span1[i], fy), t.span0[i]);
     if (t.a[i] > 0.0) {
-      const double lo = cross - 1e-3;
+      const double lo = sub_rn(cross, 1e-3);
       if (lo > xe) return false;
       if (lo > xs) xs = raster_ceil(lo);
     } else {
-      const double hi = cross + 1e-3;
+      const double hi = add_rn(cross, 1e-3);
       if (hi < xs) return false;
       if (hi < xe) xe = raster_floor(hi);
     }
@@ -221,25 +231,59 @@ AVATAR_HD bool raster_row_span(const RasterTri& t, double fy, const double rowc[
 // Output (u, v, z/w, tri + 1) of a covered sample.
 AVATAR_HD void raster_resolve(const RasterTri& t, double fx, double fy, int64_t tri, float* out) {
   double e[3];
-  for (int i = 0; i < 3; ++i) e[i] = t.a[i] * fx + (t.b[i] * fy + t.c[i]);
-  const double inv_at = 1.0 / ((e[0] + e[1]) + e[2]);
-  out[0] = static_cast<float>(e[0] * inv_at);
-  out[1] = static_cast<float>(e[1] * inv_at);
-  out[2] = raster_depth(t, fx, t.dz[1] * fy + t.dz[2]);
+  for (int i = 0; i < 3; ++i) e[i] = add_rn(mul_rn(t.a[i], fx), add_rn(mul_rn(t.b[i], fy), t.c[i]));
+  const double inv_at = div_rn(1.0, add_rn(add_rn(e[0], e[1]), e[2]));
+  out[0] = static_cast<float>(mul_rn(e[0], inv_at));
+  out[1] = static_cast<float>(mul_rn(e[1], inv_at));
+  out[2] = raster_depth(t, fx, add_rn(mul_rn(t.dz[1], fy), t.dz[2]));
   out[3] = static_cast<float>(tri + 1);
 }
 
-// 64-bit depth-test key for atomicMin on the GPU: depth bits in the high word
-// (ordered like the floats), triangle id in the low word (ties to the lower id).
-AVATAR_HD unsigned long long raster_depth_key(float z, int64_t tri) {
-  if (z == 0.0f) z = 0.0f;
-  uint32_t u;
-  memcpy(&u, &z, sizeof(u));
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (static_cast<unsigned long long>(u) << 32) | static_cast<unsigned long long>(static_cast<uint32_t>(tri));
+// ---------------------------------------------------------------------------
+// The CUDA rasteriser's per-pixel algorithm (raster.cu), also run on the CPU by
+// the test-only op `rasterize_fwd_tiled` (raster.cpp) so that CPU-only CI checks
+// the code the GPU runs against the band rasteriser and the reference.
+//
+// Image tiles of kRasterTile x kRasterTile pixels (one CUDA block, one thread per
+// pixel) walk the triangles in chunks; a triangle whose bounding box misses the
+// tile is skipped for the whole block, and each pixel tests the rest against its
+// own bounding box, then exactly (raster_sample, in double). The double work is
+// therefore per (pixel, triangle) pair inside the triangle's box, which is the
+// covered area times a small factor, not per pixel times triangles. The depth test
+// keeps the smallest (z/w, triangle id) pair in registers: the same winner as the
+// band rasteriser (strictly closer wins, ties to the lower id), in any order.
+
+constexpr int kRasterTile = 16;  // kRasterTile^2 == kThreadsPerBlock
+
+// Whether triangle t's (inclusive) pixel box meets the tile [tx0, tx1] x [ty0, ty1].
+AVATAR_HD bool raster_tile_overlaps(const RasterTri& t, int tx0, int ty0, int tx1, int ty1) {
+  return t.x0 <= t.x1 && t.y0 <= t.y1 && t.x0 <= tx1 && t.x1 >= tx0 && t.y0 <= ty1 && t.y1 >= ty0;
 }
 
-constexpr unsigned long long kRasterEmptyKey = ~0ull;
+// Depth test of pixel (x, y) at NDC (fx, fy) against triangle f: keeps the
+// smallest (z, f) in (best_z, best_f). Initialise best_z = +inf, best_f = -1.
+AVATAR_HD void raster_pixel_update(const RasterTri& t, int32_t f, int x, int y, double fx, double fy,
+                                   float& best_z, int32_t& best_f) {
+  if (x < t.x0 || x > t.x1 || y < t.y0 || y > t.y1) return;
+  // Row terms exactly as the band rasteriser computes them once per row.
+  const double rowc[3] = {add_rn(mul_rn(t.b[0], fy), t.c[0]), add_rn(mul_rn(t.b[1], fy), t.c[1]),
+                          add_rn(mul_rn(t.b[2], fy), t.c[2])};
+  const double rowz = add_rn(mul_rn(t.dz[1], fy), t.dz[2]);
+  float z;
+  if (raster_sample(t, fx, rowc, rowz, z) && (z < best_z || (z == best_z && f < best_f))) {
+    best_z = z;
+    best_f = f;
+  }
+}
+
+// Output of a pixel whose winner is best_f (-1: empty) among tris (this image's).
+AVATAR_HD void raster_pixel_output(const RasterTri* tris, int32_t best_f, double fx, double fy, float* out) {
+  if (best_f < 0) {
+    out[0] = out[1] = out[2] = out[3] = 0.0f;
+  } else {
+    raster_resolve(tris[best_f], fx, fy, best_f, out);
+  }
+}
 
 // ---------------------------------------------------------------------------
 // interpolate: out = u * a0 + v * a1 + (1 - u - v) * a2, zero where empty.
@@ -264,11 +308,11 @@ AVATAR_HD void interpolate_pixel(const float* r, const int32_t* faces, int64_t n
     return;
   }
   const float u = r[0], v = r[1];
-  const float w = (1.0f - u) - v;
+  const float w = sub_rn(sub_rn(1.0f, u), v);
   const float* a0 = attr + i0 * channels;
   const float* a1 = attr + i1 * channels;
   const float* a2 = attr + i2 * channels;
-  for (int c = 0; c < channels; ++c) out[c] = (u * a0[c] + v * a1[c]) + w * a2[c];
+  for (int c = 0; c < channels; ++c) out[c] = add_rn(add_rn(mul_rn(u, a0[c]), mul_rn(v, a1[c])), mul_rn(w, a2[c]));
 }
 
 // Gradient of interpolate with respect to the pixel's (u, v); channels 2, 3 get 0.
@@ -282,8 +326,8 @@ AVATAR_HD void interpolate_grad_rast_pixel(const float* r, const int32_t* faces,
   const float* a2 = attr + i2 * channels;
   float gu = 0.0f, gv = 0.0f;
   for (int c = 0; c < channels; ++c) {
-    gu += grad[c] * (a0[c] - a2[c]);
-    gv += grad[c] * (a1[c] - a2[c]);
+    gu = add_rn(gu, mul_rn(grad[c], sub_rn(a0[c], a2[c])));
+    gv = add_rn(gv, mul_rn(grad[c], sub_rn(a1[c], a2[c])));
   }
   grad_r[0] = gu;
   grad_r[1] = gv;
@@ -306,7 +350,7 @@ AVATAR_HD bool aa_same_sign(float a, float b) {
 }
 
 AVATAR_HD bool aa_rational_gt(float n0, float n1, float d0, float d1) {
-  return (n0 * d1 > n1 * d0) == aa_same_sign(d0, d1);
+  return (mul_rn(n0, d1) > mul_rn(n1, d0)) == aa_same_sign(d0, d1);
 }
 
 AVATAR_HD int aa_max_idx3(float n0, float n1, float n2, float d0, float d1, float d2) {
@@ -316,6 +360,12 @@ AVATAR_HD int aa_max_idx3(float n0, float n1, float n2, float d0, float d1, floa
   if (g20 && g21) return 2;
   if (g10) return 1;
   return 0;
+}
+
+// (xa - px) * (yb - py) - (xb - px) * (ya - py): twice the signed area of the
+// triangle (a, b, p), each operation rounded on its own.
+AVATAR_HD float aa_cross(float xa, float xb, float ya, float yb, float px, float py) {
+  return sub_rn(mul_rn(sub_rn(xa, px), sub_rn(yb, py)), mul_rn(sub_rn(xb, px), sub_rn(ya, py)));
 }
 
 AVATAR_HD void aa_swap(float& a, float& b) {
@@ -351,56 +401,56 @@ AVATAR_HD int aa_analyse_pair(const float* rast, const float* pos, const int32_t
     op[i] = opposite[3 * tri + i];
     if (op[i] >= num_vertices) op[i] = -1;
   }
-  const float xh = width * 0.5f;
-  const float yh = height * 0.5f;
-  const float fx = (static_cast<float>(px) + 0.5f) - xh;
-  const float fy = (static_cast<float>(py) + 0.5f) - yh;
+  const float xh = mul_rn(static_cast<float>(width), 0.5f);
+  const float yh = mul_rn(static_cast<float>(height), 0.5f);
+  const float fx = sub_rn(add_rn(static_cast<float>(px), 0.5f), xh);
+  const float fy = sub_rn(add_rn(static_cast<float>(py), 0.5f), yh);
   float x[3], y[3], ox[3], oy[3];
   for (int i = 0; i < 3; ++i) {
     const float* p = pos + 4 * vi[i];
     const float* o = op[i] < 0 ? p : pos + 4 * op[i];
-    const float iw = 1.0f / p[3];
-    const float ow = 1.0f / o[3];
-    x[i] = p[0] * iw * xh - fx;
-    y[i] = p[1] * iw * yh - fy;
-    ox[i] = o[0] * ow * xh - fx;
-    oy[i] = o[1] * ow * yh - fy;
+    const float iw = div_rn(1.0f, p[3]);
+    const float ow = div_rn(1.0f, o[3]);
+    x[i] = sub_rn(mul_rn(mul_rn(p[0], iw), xh), fx);
+    y[i] = sub_rn(mul_rn(mul_rn(p[1], iw), yh), fy);
+    ox[i] = sub_rn(mul_rn(mul_rn(o[0], ow), xh), fx);
+    oy[i] = sub_rn(mul_rn(mul_rn(o[1], ow), yh), fy);
   }
   // Silhouette test: the opposite vertex lies on the same side of the edge as the
   // triangle's own third vertex (or there is no neighbour across the edge).
-  const float bb = (x[1] - x[0]) * (y[2] - y[0]) - (x[2] - x[0]) * (y[1] - y[0]);
-  const float a0 = (x[1] - ox[0]) * (y[2] - oy[0]) - (x[2] - ox[0]) * (y[1] - oy[0]);
-  const float a1 = (x[2] - ox[1]) * (y[0] - oy[1]) - (x[0] - ox[1]) * (y[2] - oy[1]);
-  const float a2 = (x[0] - ox[2]) * (y[1] - oy[2]) - (x[1] - ox[2]) * (y[0] - oy[2]);
+  const float bb = aa_cross(x[1], x[2], y[1], y[2], x[0], y[0]);
+  const float a0 = aa_cross(x[1], x[2], y[1], y[2], ox[0], oy[0]);
+  const float a1 = aa_cross(x[2], x[0], y[2], y[0], ox[1], oy[1]);
+  const float a2 = aa_cross(x[0], x[1], y[0], y[1], ox[2], oy[2]);
   if (!(aa_same_sign(a0, bb) || aa_same_sign(a1, bb) || aa_same_sign(a2, bb))) return -1;
   if (d) {
     for (int i = 0; i < 3; ++i) aa_swap(x[i], y[i]);
   }
-  const float dx0 = x[2] - x[1], dx1 = x[0] - x[2], dx2 = x[1] - x[0];
-  float dy0 = y[2] - y[1], dy1 = y[0] - y[2], dy2 = y[1] - y[0];
+  const float dx0 = sub_rn(x[2], x[1]), dx1 = sub_rn(x[0], x[2]), dx2 = sub_rn(x[1], x[0]);
+  float dy0 = sub_rn(y[2], y[1]), dy1 = sub_rn(y[0], y[2]), dy2 = sub_rn(y[1], y[0]);
   const float ds = use1 ? -1.0f : 1.0f;
   const float kMax = 3.402823466e+38f;
-  float d0 = ds * (x[1] * dy0 - y[1] * dx0);
-  float d1 = ds * (x[2] * dy1 - y[2] * dx1);
-  float d2 = ds * (x[0] * dy2 - y[0] * dx2);
+  float d0 = mul_rn(ds, sub_rn(mul_rn(x[1], dy0), mul_rn(y[1], dx0)));
+  float d1 = mul_rn(ds, sub_rn(mul_rn(x[2], dy1), mul_rn(y[2], dx1)));
+  float d2 = mul_rn(ds, sub_rn(mul_rn(x[0], dy2), mul_rn(y[0], dx2)));
   if (aa_same_sign(y[1], y[2])) d0 = -kMax, dy0 = 1.0f;
   if (aa_same_sign(y[2], y[0])) d1 = -kMax, dy1 = 1.0f;
   if (aa_same_sign(y[0], y[1])) d2 = -kMax, dy2 = 1.0f;
   const int di = aa_max_idx3(d0, d1, d2, dy0, dy1, dy2);
   float dc = -kMax;
-  if (di == 0 && aa_same_sign(a0, bb) && fabsf(dy0) >= fabsf(dx0)) dc = d0 / dy0;
-  if (di == 1 && aa_same_sign(a1, bb) && fabsf(dy1) >= fabsf(dx1)) dc = d1 / dy1;
-  if (di == 2 && aa_same_sign(a2, bb) && fabsf(dy2) >= fabsf(dx2)) dc = d2 / dy2;
+  if (di == 0 && aa_same_sign(a0, bb) && fabsf(dy0) >= fabsf(dx0)) dc = div_rn(d0, dy0);
+  if (di == 1 && aa_same_sign(a1, bb) && fabsf(dy1) >= fabsf(dx1)) dc = div_rn(d1, dy1);
+  if (di == 2 && aa_same_sign(a2, bb) && fabsf(dy2) >= fabsf(dx2)) dc = div_rn(d2, dy2);
   const float eps = 0.0625f;  // no more than 1/16 pixel inaccuracy expected
-  if (!(dc > -eps && dc < 1.0f + eps)) return -1;
+  if (!(dc > -eps && dc < add_rn(1.0f, eps))) return -1;
   return di | (use1 ? 4 : 0);
 }
 
 #if defined(AVATAR_WITH_CUDA) || defined(__CUDACC__)
 // CUDA launchers (streams passed as void*; return a cudaError_t as int).
-// tris: scratch of batch * num_faces RasterTri; keys: batch * H * W depth keys.
+// tris: scratch of batch * num_faces RasterTri; batch <= 65535 (grid z).
 int rasterize_cuda(const float* pos, const int32_t* faces, int64_t batch, int64_t num_vertices, int64_t num_faces,
-                   int height, int width, RasterTri* tris, unsigned long long* keys, float* out, void* stream);
+                   int height, int width, RasterTri* tris, float* out, void* stream);
 // attr: (attr_batch, V, C) with attr_batch 1 (broadcast) or batch.
 int interpolate_cuda(const float* attr, int64_t attr_batch, const float* rast, const int32_t* faces, int64_t batch,
                      int64_t num_vertices, int64_t num_faces, int channels, int height, int width, float* out,
