@@ -274,6 +274,43 @@ def doctor(
         doc.render(report)
 
 
+@app.command()
+def selftest(
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    device: Annotated[Optional[list[str]], typer.Option("--device", help="Only this device: cpu, cuda or cuda:N "
+                                                        "(repeatable; default: every device present).")] = None,
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Only checks whose name contains this, "
+                                                      "e.g. hashgrid or sds (repeatable).")] = None,
+) -> None:
+    """Prove this machine right: native ops vs references, tiny/oracle runs, SDS memory modes, per device.
+
+    Exits non-zero if any check fails. On a new GPU machine, run this first.
+    """
+    import contextlib
+    import json
+
+    from avatar.selftest import render_report, run_selftest
+
+    if json_:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+            report = run_selftest(device, only)
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        from rich.console import Console
+
+        err = Console(stderr=True)
+        status = err.status("avatar selftest") if err.is_terminal else contextlib.nullcontext()
+        with status as live:
+            def started(name: str, dev: str) -> None:
+                if live is not None:
+                    live.update(f"selftest: {name} on {dev}")
+
+            report = run_selftest(device, only, on_start=started)
+        render_report(report)
+    if not report["ok"]:
+        raise typer.Exit(code=1)
+
+
 @prior_app.command("show")
 def prior_show(
     spec: Annotated[str, typer.Argument(help="Head prior: anny, flame:DIR or auto.")] = "auto",
