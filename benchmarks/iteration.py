@@ -4,6 +4,11 @@
     python benchmarks/iteration.py --quick        # tiny models and a smaller fine stage only
     python benchmarks/iteration.py --no-smoke     # skip the smoke run (peak memory)
     python benchmarks/iteration.py --smoke-only   # only the smoke run
+    python benchmarks/iteration.py --flops [--markdown]  # FLOPs, bytes, memory by part; H100 projection
+
+``--flops`` (issue 14) prints, instead of times on this machine, what one step of the quality
+preset costs on paper, by part, and the minutes per avatar it projects to on one H100 at stated
+utilisations; ``--markdown`` prints the same as a table for the README. See ``benchmarks/flops.py``.
 
 Parts of one step (issue 7), each timed on its own (wall clock, best of N after a warm-up):
 
@@ -95,15 +100,21 @@ def diffusion_parts(unet, controlnet, vae, latent: int, image: int, text_dim: in
     return {"unet_cfg": best_of(unet_cfg, repeats), "vae_encode": best_of(vae_encode, repeats)}
 
 
-def sd15_models():
+def sd15_models(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """SD 1.5's UNet, its ControlNet and VAE at random weights; on ``meta`` they hold shapes only."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
-    controlnet = ControlNetModel.from_unet(unet).eval()
-    vae = AutoencoderKL(**SD15_VAE).eval()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        controlnet = ControlNetModel.from_unet(unet).eval()
+        vae = AutoencoderKL(**SD15_VAE).eval()
     for m in (unet, controlnet, vae):
         m.requires_grad_(False)
+        if dtype != torch.float32:
+            # diffusers warns about casting with .to(); the warning is about loading weights (none here).
+            for p in m.parameters():
+                p.data = p.data.to(dtype)
     return unet, controlnet, vae
 
 
@@ -209,6 +220,25 @@ def smoke_run() -> dict:
             **({} if proc.returncode == 0 else {"stderr": proc.stderr[-2000:]})}
 
 
+def flops_mode(args: argparse.Namespace, log) -> None:
+    """``--flops``: the cost of one step of the preset on paper, and its H100 projection."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import flops
+
+    from avatar.config import GenerateConfig, make_config
+
+    cfg = make_config(GenerateConfig, args.preset, ["device=cpu"])
+    dtype = torch.float16 if cfg.guidance.half_precision else torch.float32
+    log("SD 1.5 architectures on the meta device")
+    sd = sd15_models("meta", dtype)
+    tiny = tiny_models() if not args.no_check else None
+    report = flops.quality_report(sd, tiny, preset=args.preset, cameras=args.flops_cameras, max_tets=args.max_tets,
+                                  log=log)
+    report["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
+                         "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    print(flops.markdown(report) if args.markdown else json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and a smaller fine stage only")
@@ -216,7 +246,17 @@ def main() -> None:
     parser.add_argument("--smoke-only", action="store_true", help="only the smoke run's time and peak memory")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fine-dmtet", type=int, default=128,
-                        help="DMTet resolution of the fine case (the quality preset's 256 is a GPU size)")
+                        help="DMTet resolution of the fine case (the quality preset's grid is a GPU size)")
+    parser.add_argument("--flops", action="store_true",
+                        help="FLOPs, bytes moved and memory of one step by part, and its H100 projection")
+    parser.add_argument("--markdown", action="store_true", help="with --flops: a markdown table instead of JSON")
+    parser.add_argument("--preset", default="quality", help="with --flops: the preset to cost (default quality)")
+    parser.add_argument("--flops-cameras", type=int, default=3,
+                        help="with --flops: random cameras per shading the field parts are averaged over")
+    parser.add_argument("--max-tets", type=int, default=16_000_000,
+                        help="with --flops: larger DMTet grids are counted on a coarser grid and scaled up")
+    parser.add_argument("--no-check", action="store_true",
+                        help="with --flops: skip the check that meta and real tensors count the same FLOPs")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     torch.set_grad_enabled(True)
@@ -226,6 +266,9 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[iteration] {msg}", file=sys.stderr, flush=True)
 
+    if args.flops:
+        flops_mode(args, log)
+        return
     if args.smoke_only:
         print(json.dumps({**report, "smoke_run": smoke_run()}, indent=2))
         return
