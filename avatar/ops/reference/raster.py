@@ -7,7 +7,11 @@ coverage test is written operation for operation like the native kernel in
 the same evaluation order; only the conservative culls differ), so the two
 engines agree bit for bit on CPUs; the
 differentiable parts (:func:`rast_from_triangle_ids`, :func:`antialias_blend`) are
-shared by both engines.
+shared by both engines. Those, and :func:`opposite_vertices`, run in the native
+engine's training step, so on a GPU they use fixed-size, masked computations
+only: nothing there waits for the device (tests/test_raster_no_sync.py). The
+reference's own search (:func:`visible_triangles`, :func:`antialias_analysis`)
+does wait: its lists of (pixel, triangle) pairs have data-dependent sizes.
 
 How the reference rasterises: every triangle's (conservative) bounding box is
 enumerated as (pixel, triangle) pairs, in chunks that bound memory; each pair is
@@ -165,8 +169,16 @@ def visible_triangles(pos: torch.Tensor, faces: torch.Tensor, resolution: tuple[
     return tri_id.reshape(batch, height, width)
 
 
+def _dense_by_default(device: torch.device) -> bool:
+    """Whether the differentiable helpers work on every pixel (masked) rather than a
+    list of the pixels concerned. Listing them needs ``nonzero``, whose output size
+    a device must read back to the host, stalling the step; on the CPU that costs
+    nothing and the list is much shorter (the blend touches a few percent of pixels)."""
+    return device.type != "cpu"
+
+
 def rast_from_triangle_ids(
-    pos: torch.Tensor, faces: torch.Tensor, tri_id: torch.Tensor, output_db: bool = False
+    pos: torch.Tensor, faces: torch.Tensor, tri_id: torch.Tensor, output_db: bool = False, dense: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rasteriser's output from the triangle seen at each pixel, differentiably.
 
@@ -177,36 +189,61 @@ def rast_from_triangle_ids(
     pixels. (u, v) and the derivatives carry gradients to pos; z/w and the id do not
     (as in nvdiffrast). Barycentrics are recomputed from the edge functions in
     float64, exactly as the native kernel computes them.
+
+    dense: compute every pixel, empty ones masked out, so that nothing waits for
+    the device (the native CUDA engine calls this every step); else only the
+    covered pixels. Both give the same result (bit for bit on the CPU). Default:
+    dense except on the CPU.
     """
     pos = _as_batched(pos)
     batch, height, width = tri_id.shape
     num_faces = faces.shape[0]
+    device = pos.device
+    if dense is None:
+        dense = _dense_by_default(device)
     flat = tri_id.reshape(-1)
-    sel = torch.nonzero(flat >= 0).squeeze(1)
+    covered = (flat >= 0) & (flat < num_faces)
+    sel = torch.arange(flat.numel(), device=device) if dense else torch.nonzero(covered).squeeze(1)
+    covered = covered[sel]
     image = sel // (height * width)
     py = (sel // width) % height
     px = sel % width
-    tri = flat[sel]
+    tri = torch.where(covered, flat[sel], 0)
     # Set up each triangle once (differentiably), then gather per pixel. Triangles
     # seen nowhere are zeroed first: a non-finite vertex there would otherwise turn
     # the zero gradients of its neighbours into NaN (0 * inf).
+    rows = batch * num_faces
     key = image * num_faces + tri
-    seen = torch.zeros(batch * num_faces, dtype=torch.bool, device=pos.device)
-    seen[key] = True
-    corners = pos.double()[:, faces.long()]
-    setup = _triangle_setup(torch.where(seen.view(batch, num_faces, 1, 1), corners, 0.0))
-    a, b, c = (setup[k].reshape(-1, 3)[key] for k in ("a", "b", "c"))
+    seen = torch.zeros(rows + 1, dtype=torch.bool, device=device)  # row `rows`: a sink for empty pixels
+    seen = seen.scatter(0, torch.where(covered, key, rows), covered)[:rows]
+    # Indices outside [0, V) (not checked on CUDA: reading them would wait for the
+    # device) are clamped: the kernel never draws such a triangle, so it is unseen.
+    corners = pos.double()[:, faces.long().clamp(0, max(pos.shape[1] - 1, 0))].reshape(rows, 3, 4)
+    setup = _triangle_setup(torch.where(seen[:, None, None], corners, 0.0))
+    abc = torch.stack([setup["a"], setup["b"], setup["c"]], dim=1)  # (B * F, [a, b, c], 3)
+    dz = setup["dz"].detach()
+    # Empty pixels (dense only) read rows spread over all triangles plus one zero row:
+    # gathering them all from one row would make its gradient a sum of that many
+    # terms, which CUDA's index backward adds up one after another.
+    key = torch.where(covered, key, sel % (rows + 1))
+    a, b, c = torch.cat([abc, abc.new_zeros(1, 3, 3)])[key].unbind(1)
+    dz = torch.cat([dz, dz.new_zeros(1, 3)])[key]
     fx = _pixel_ndc(px, width)
     fy = _pixel_ndc(py, height)
     e = a * fx[:, None] + (b * fy[:, None] + c)
+    # Any finite, non-zero edge values for empty pixels: theirs are masked out
+    # below, and a division by zero would make their zero gradients NaN.
+    e = torch.where(covered[:, None], e, 1.0)
     at = (e[:, 0] + e[:, 1]) + e[:, 2]
     inv_at = 1.0 / at
     u = e[:, 0] * inv_at
     vv = e[:, 1] * inv_at
-    z = _depth(setup["dz"].detach().reshape(-1, 3)[key], fx, fy)
+    z = _depth(dz, fx, fy)
     dtype = pos.dtype
+    zero = torch.zeros((), dtype=dtype, device=device)
     values = torch.stack([u.to(dtype), vv.to(dtype), z.to(dtype), (tri + 1).to(dtype)], dim=1)
-    rast = torch.zeros(batch * height * width, 4, dtype=dtype, device=pos.device)
+    values = torch.where(covered[:, None], values, zero)
+    rast = torch.zeros(batch * height * width, 4, dtype=dtype, device=device)
     rast = rast.index_put((sel,), values).reshape(batch, height, width, 4)
     if not output_db:
         return rast, None
@@ -223,7 +260,8 @@ def rast_from_triangle_ids(
         ],
         dim=1,
     ).to(dtype)
-    db = torch.zeros(batch * height * width, 4, dtype=dtype, device=pos.device)
+    db_values = torch.where(covered[:, None], db_values, zero)
+    db = torch.zeros(batch * height * width, 4, dtype=dtype, device=device)
     db = db.index_put((sel,), db_values).reshape(batch, height, width, 4)
     return rast, db
 
@@ -277,32 +315,39 @@ def opposite_vertices(faces: torch.Tensor) -> torch.Tensor:
     (vertices i+1, i+2). -1 where the edge is a boundary, is shared by more than
     two triangles, or both triangles have the same third vertex; such edges are
     always treated as silhouettes. Degenerate triangles (a repeated vertex) take no
-    part.
+    part, nor do triangles with a negative index.
+
+    Edges are matched by sorting all 3F of them (fixed sizes only, so nothing
+    waits for the device: the native CUDA engine calls this for every new face
+    tensor, i.e. every step with DMTet).
     """
     f = faces.long()
     num_faces = f.shape[0]
-    out = torch.full((num_faces * 3,), -1, dtype=torch.long, device=faces.device)
     if num_faces == 0:
-        return out.view(0, 3).int()
+        return torch.full((0, 3), -1, dtype=torch.int32, device=faces.device)
     va, vb, vo = f[:, _NEXT].reshape(-1), f[:, _PREV].reshape(-1), f.reshape(-1)
-    proper = ((f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0])).repeat_interleave(3)
-    entries = torch.nonzero(proper).squeeze(1)
-    lo = torch.minimum(va, vb)[entries]
-    hi = torch.maximum(va, vb)[entries]
-    key = lo * (int(f.max()) + 1) + hi
-    key, order = torch.sort(key, stable=True)
-    entries = entries[order]
-    _, counts = torch.unique_consecutive(key, return_counts=True)
-    group_size = torch.repeat_interleave(counts, counts)
-    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    position = torch.arange(key.numel(), device=faces.device)
-    partner = torch.where(position == first, position + 1, position - 1)
-    pair = group_size == 2
-    mine = entries[pair]
-    theirs = entries[partner[pair]]
-    opposite = vo[theirs]
-    opposite = torch.where(opposite == vo[mine], -1, opposite)
-    out[mine] = opposite
+    proper = (f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 2] != f[:, 0]) & (f >= 0).all(1)
+    proper = proper[:, None].expand(num_faces, 3).reshape(-1)
+    # An edge's key packs its (lower, higher) vertex ids, in [0, 2^31), into one
+    # int64 below 2^63 - 2^31 (no max() read back); edges of degenerate triangles,
+    # and of triangles with a negative index (which no kernel draws), get distinct
+    # keys above all others, so they never pair.
+    position = torch.arange(3 * num_faces, device=faces.device)
+    key = torch.minimum(va, vb) * (1 << 32) + torch.maximum(va, vb)
+    key = torch.where(proper, key, torch.iinfo(torch.int64).max - position)
+    key, entries = torch.sort(key, stable=True)
+    # In the sorted keys an edge shared by exactly two triangles is a run of length
+    # two: each of its keys equals one neighbour and differs from the next ones.
+    # equal[i + 1]: sorted keys i - 1 and i are equal (false off the ends).
+    n = key.shape[0]
+    off = torch.zeros(2, dtype=torch.bool, device=faces.device)
+    equal = torch.cat([off, key[1:] == key[:-1], off])
+    first = equal[2 : n + 2] & ~equal[1 : n + 1] & ~equal[3 : n + 3]
+    second = equal[1 : n + 1] & ~equal[2 : n + 2] & ~equal[0:n]
+    partner = torch.where(first, position + 1, position - 1).clamp(0, n - 1)
+    opposite = vo[entries[partner]]
+    opposite = torch.where((first | second) & (opposite != vo[entries]), opposite, -1)
+    out = torch.empty_like(opposite).scatter(0, entries, opposite)
     return out.view(num_faces, 3).int()
 
 
@@ -404,7 +449,12 @@ def antialias_analysis(
 
 
 def antialias_blend(
-    color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, faces: torch.Tensor, codes: torch.Tensor
+    color: torch.Tensor,
+    rast: torch.Tensor,
+    pos: torch.Tensor,
+    faces: torch.Tensor,
+    codes: torch.Tensor,
+    dense: bool | None = None,
 ) -> torch.Tensor:
     """Blend colours across the silhouette edges found by the analysis, differentiably.
 
@@ -415,23 +465,51 @@ def antialias_blend(
     through dc, to the clip-space positions of the edge's two vertices (Laine et
     al. 2020, section 3.4). color: (B, H, W, C); pos: (B, V, 4); codes from
     :func:`antialias_analysis` or the native analysis.
+
+    dense: compute every (pixel, direction) pair, those without an edge masked
+    out, so that nothing waits for the device (the native CUDA engine calls this
+    every step); else only the pairs with an edge. Both give the same result (bit
+    for bit on the CPU). Default: dense except on the CPU.
     """
     batch, height, width, channels = color.shape
-    bi, yi, xi, d = torch.nonzero(codes >= 0, as_tuple=True)
+    num_faces, num_vertices = faces.shape[0], pos.shape[1]
     flat = color.reshape(-1, channels)
-    if bi.numel() == 0:
+    if num_faces == 0 or num_vertices == 0:  # no edge to blend across
         return color.clone()
-    code = codes[bi, yi, xi, d].long()
+    if dense is None:
+        dense = _dense_by_default(color.device)
+    all_codes = codes.reshape(-1)  # pairs in (B, H, W, [right, down]) order
+    pair = torch.arange(all_codes.numel(), device=color.device) if dense else torch.nonzero(all_codes >= 0).squeeze(1)
+    code = all_codes[pair].long()
+    blend = code >= 0
+    code = code.clamp(min=0)
     di, use1 = code & 3, (code >> 2) & 1
-    pixel0 = (bi * height + yi) * width + xi
-    pixel1 = pixel0 + torch.where(d == 1, width, 1)
-    tri = rast.detach().reshape(-1, 4)[torch.where(use1 == 1, pixel1, pixel0), 3].long() - 1
+    d = pair % 2
+    pixel0 = pair // 2
+    xi = pixel0 % width
+    yi = (pixel0 // width) % height
+    bi = pixel0 // (height * width)
+    # Pairs without an edge stay on their own pixel (the last row and column have no neighbour).
+    pixel1 = torch.where(blend, pixel0 + torch.where(d == 1, width, 1), pixel0)
+    tri = rast.detach()[..., 3].reshape(-1)[torch.where(use1 == 1, pixel1, pixel0)].long() - 1
+    tri = tri.clamp(0, num_faces - 1)
     px = (xi + use1 * (1 - d)).to(pos.dtype)
     py = (yi + use1 * d).to(pos.dtype)
     f = faces.long()[tri]
-    va = f.gather(1, ((di + 1) % 3)[:, None]).squeeze(1)
-    vb = f.gather(1, ((di + 2) % 3)[:, None]).squeeze(1)
-    pa, pb = pos[bi, va], pos[bi, vb]
+    va = f.gather(1, ((di + 1) % 3)[:, None]).squeeze(1).clamp(0, num_vertices - 1)
+    vb = f.gather(1, ((di + 2) % 3)[:, None]).squeeze(1).clamp(0, num_vertices - 1)
+    # Pairs without an edge (dense only) compute with a finite, slanted stand-in
+    # edge, so that their zero weight has a zero, not NaN, gradient. The vertices
+    # they gather first are spread over all rows: gathering them all from one row
+    # would make its gradient a sum of that many terms, which CUDA's index
+    # backward adds up one after another.
+    rows = pos.reshape(-1, 4)
+    spread = pair % rows.shape[0]
+    channel = torch.arange(4, device=pos.device)
+    stand_in_a = (channel == 3).to(pos.dtype)  # (0, 0, 0, 1)
+    stand_in_b = (channel != 2).to(pos.dtype)  # (1, 1, 0, 1)
+    pa = torch.where(blend[:, None], rows[torch.where(blend, bi * num_vertices + va, spread)], stand_in_a)
+    pb = torch.where(blend[:, None], rows[torch.where(blend, bi * num_vertices + vb, spread)], stand_in_b)
     xh, yh = width * 0.5, height * 0.5
     fx = (px + 0.5) - xh
     fy = (py + 0.5) - yh
@@ -448,6 +526,7 @@ def antialias_blend(
     alpha = ds * (0.5 - dc.clamp(0.0, 1.0))
     target = torch.where(alpha > 0, pixel0, pixel1)
     delta = alpha.to(color.dtype)[:, None] * (flat[pixel1] - flat[pixel0])
+    delta = torch.where(blend[:, None], delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
     return flat.index_add(0, target, delta).reshape(color.shape)
 
 
