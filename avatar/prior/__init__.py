@@ -24,8 +24,8 @@ __all__ = [
 ]
 
 
-def show_prior(spec: str, out_dir, size: int = 512) -> dict:
+def show_prior(spec: str, out_dir, size: int = 512, control: bool = False) -> dict:
     """Write ``prior.obj``, ``landmarks.png`` and ``prior.json`` into ``out_dir``; see :mod:`avatar.prior.show`."""
     from avatar.prior.show import show_prior as _show_prior
 
-    return _show_prior(spec, out_dir, size=size)
+    return _show_prior(spec, out_dir, size=size, control=control)

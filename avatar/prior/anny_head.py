@@ -594,8 +594,12 @@ class AnnyHead(HeadModel):
         return self
 
 
-def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = torch.float32) -> AnnyHead:
-    """Build the :class:`AnnyHead` from extracted arrays plus the packaged landmarks."""
+def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = torch.float32,
+                          with_landmarks: bool = True) -> AnnyHead:
+    """Build the :class:`AnnyHead` from extracted arrays plus the packaged landmarks.
+
+    ``with_landmarks=False`` gives a head without landmarks (for the script that derives them).
+    """
     from avatar.prior.anny_landmarks import load_anny_landmarks
 
     meta = json.loads(str(arrays["meta"]))
@@ -604,8 +608,10 @@ def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = to
         return torch.as_tensor(np.asarray(arrays[name], dtype=np.float64), dtype=dtype)
 
     base_index = np.asarray(arrays["base_index"], dtype=np.int64)
-    landmark_vertices, landmark_contours = load_anny_landmarks(base_index)
-    n_lmk = len(landmark_vertices)
+    if with_landmarks:
+        landmark_vertices, landmark_weights, landmark_contours = load_anny_landmarks(base_index)
+    else:
+        landmark_vertices, landmark_weights, landmark_contours = np.zeros((0, 3), np.int64), np.zeros((0, 3)), {}
     phenotypes = meta["phenotype_names"]
     local_names = meta["local_change_names"]
     defaults = [0.5] * len(phenotypes) + [0.0] * len(local_names)
@@ -614,6 +620,9 @@ def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = to
         "cache": str(cache_path()),
         "cut_plane": meta["cut_plane"],
         "neck_loop_length": int(len(arrays["neck_loop"])),
+        "landmarks": "MediaPipe Face Mesh's 478 points and its face oval per camera direction, derived by "
+                     "running MediaPipe on renders of the head (avatar/prior/data/anny_landmarks.json)"
+                     if with_landmarks else "none",
     }
     return AnnyHead(
         name="anny",
@@ -631,8 +640,8 @@ def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = to
         joint_names=meta["joint_names"],
         parents=meta["joint_parents"],
         skin_weights=t("skin_weights"),
-        landmark_vertices=torch.as_tensor(landmark_vertices, dtype=torch.int64)[:, None].expand(n_lmk, 3).clone(),
-        landmark_weights=torch.tensor([[1.0, 0.0, 0.0]], dtype=dtype).expand(n_lmk, 3).clone(),
+        landmark_vertices=torch.as_tensor(landmark_vertices, dtype=torch.int64),
+        landmark_weights=torch.as_tensor(landmark_weights, dtype=dtype),
         landmark_contours=landmark_contours,
         info=info,
         pheno_mask=t("pheno_mask"),
