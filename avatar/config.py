@@ -164,8 +164,19 @@ class FineStageConfig(StageConfig):
     resolution: int = 512
     t_range: tuple[float, float] = (0.02, 0.5)
     lr: float = 5e-3
-    dmtet_resolution: int = 256
-    """Tetrahedral grid resolution (cells per side) of DMTet."""
+    dmtet_resolution: int = 156
+    """DMTet grid resolution: cubic cells along the longest side of the grid's box (the head
+    prior's bounding box plus ``grid_margin`` and ``grid_headroom``); the other sides get as
+    many cells of the same size as they need. 156 gives HeadSculpt's grid size, 11M
+    tetrahedra, with 3.6 mm cells."""
+    grid_margin: float = 0.25
+    """Room the DMTet grid leaves around the head prior's bounding box at the sides, front, back
+    and below, in field units (0.25 = 10 cm at the field frame's 2.5 units per metre): hair and
+    beards must fit in it. The grid is clipped to the field cube: 1 here and in ``grid_headroom``
+    spans the whole cube, as grids did before they spanned the head's box."""
+    grid_headroom: float = 0.5
+    """Room the DMTet grid leaves above the head prior's crown, in field units (0.5 = 20 cm):
+    hats and hair must fit in it (a surface cannot grow past the grid)."""
     deform_scale: float = 0.5
     """Bound on DMTet vertex offsets, in grid cells."""
     lambda_laplacian: float = 1e3
@@ -289,7 +300,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "coarse.steps": 2000,
             "fine.steps": 1500,
             "fine.resolution": 256,
-            "fine.dmtet_resolution": 128,
+            "fine.dmtet_resolution": 96,
             "checkpoint_every": 250,
             "preview_every": 250,
         },
@@ -304,7 +315,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             "coarse.occupancy_update_every": 8,
             "fine.steps": 150,
             "fine.resolution": 64,
-            "fine.dmtet_resolution": 32,
+            "fine.dmtet_resolution": 22,
             "coarse.n_levels": 8,
             "coarse.log2_hashmap_size": 15,
             "coarse.max_resolution": 256,
@@ -520,14 +531,35 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
     return merge_dict(cls(), data, source)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The parsed YAML of a config file; :class:`ConfigError` (one line, naming the file) when
+    it is missing, unreadable or not YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the config file {path} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(exc)}): fix the file or restore it "
+                          "from a backup") from exc
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    data = read_config_file(path)
     if data is None:
         return {}
     if isinstance(data, dict):
@@ -544,9 +576,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def load_config(cls: type[C], path: str | Path) -> C:
     """Read a config saved by :func:`save_config` (refusing newer versions)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_config_file(path) or {}
     version = raw.get("config_version", CONFIG_VERSION) if isinstance(raw, dict) else CONFIG_VERSION
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ConfigError(

@@ -274,8 +274,13 @@ class Workspace:
         save_config(cfg, self.config_path)
 
     def load_config(self, cls: type) -> Any:
-        from avatar.config import load_config
+        """The run's saved config; :class:`~avatar.config.ConfigError` (one line, naming the
+        file) if it is missing, unreadable or garbled: it is never replaced by defaults."""
+        from avatar.config import ConfigError, load_config
 
+        if not self.config_path.is_file():
+            raise ConfigError(f"{self.config_path} is missing: it records the run's settings, which resume, edit "
+                              "and export need; restore it from a backup of the run folder")
         return load_config(cls, self.config_path)
 
     def log_metrics(self, step: int, **values: Any) -> None:

@@ -36,7 +36,7 @@ def test_presets_inherit_and_change_only_what_they_list():
     assert quality == dataclasses.replace(C.GenerateConfig(), preset="quality")
     # HeadSculpt scale for quality.
     assert (quality.coarse.resolution, quality.coarse.steps) == (64, 7000)
-    assert (quality.fine.resolution, quality.fine.dmtet_resolution) == (512, 256)
+    assert (quality.fine.resolution, quality.fine.dmtet_resolution) == (512, 156)
     # smoke inherits fast's values that it does not override...
     _, smoke_own = C.PRESETS["smoke"]
     _, fast_own = C.PRESETS["fast"]
@@ -127,3 +127,14 @@ def test_every_field_is_documented(cls):
     docs = C.field_docs(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("text, message", [("fine:\n  dmtet_resolution: [12\n  lr: : 1\n", "not valid YAML"),
+                                           (None, "does not exist")])
+def test_unreadable_saved_config_is_one_line_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(C.ConfigError) as info:
+        C.load_config(C.GenerateConfig, path)
+    assert message in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)

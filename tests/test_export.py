@@ -212,7 +212,7 @@ def test_export_resolution_refines_the_training_surface(head_run):
     from avatar.export.rig import closest_points
 
     _, _, dist = closest_points(verts.numpy(), avatar.vertices.numpy(), avatar.faces.numpy())
-    cell = 2.0 * avatar.frame.bound / avatar.geometry.resolution
+    cell = avatar.geometry.cell
     assert np.quantile(dist, 0.99) < 0.5 * cell
 
 

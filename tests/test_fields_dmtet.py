@@ -1,13 +1,16 @@
-"""DMTet geometry extracts the initial shape; regularisers measure what they claim."""
+"""DMTet geometry extracts the initial shape, saves no grid, loads old checkpoints; regularisers
+measure what they claim."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import trimesh
 
 from avatar.fields.dmtet import DMTetGeometry, TextureField, laplacian_loss, normal_consistency_loss
+from avatar.ops.marching_tets import TetGridSpec
 
 
 def test_extracts_the_initial_sdf_and_bounds_deformation():
@@ -42,3 +45,37 @@ def test_regularisers():
     assert laplacian_loss(bumpy, f) > 5 * smooth_lap
     assert normal_consistency_loss(bumpy, f) > 5 * smooth_nc
     assert smooth_nc < 0.02
+
+
+def test_state_dict_holds_the_grid_spec_not_the_grid():
+    spec = TetGridSpec.covering((-0.3, -0.5, -0.4), (0.3, 0.5, 0.4), 10)
+    geo = DMTetGeometry(spec, sdf_init=lambda p: p.norm(dim=-1) - 0.3)
+    state = geo.state_dict()
+    assert set(state) == {"sdf", "deform", "_extra_state"}
+    assert state["_extra_state"] == {"grid": spec.to_dict()}
+    assert geo.tets.dtype == torch.int32 and geo.tets.shape == (spec.n_tetrahedra, 4)
+    again = DMTetGeometry.from_state_dict(state)
+    assert again.spec == spec and torch.equal(again.sdf, geo.sdf) and torch.equal(again.tets, geo.tets)
+    with pytest.raises(ValueError, match=r"grid of \(6, 10, 8\) cells.*from_state_dict"):
+        DMTetGeometry(10).load_state_dict(state)
+
+
+def test_old_checkpoints_with_the_grid_buffers_still_load():
+    geo = DMTetGeometry(6, sdf_init=lambda p: p.norm(dim=-1) - 0.5)
+    with torch.no_grad():
+        geo.deform.normal_(generator=torch.Generator().manual_seed(0))
+    old = {"grid_verts": geo.grid_verts.clone(), "tets": geo.tets.long().clone(), "sdf": geo.sdf.detach().clone(),
+           "deform": geo.deform.detach().clone()}  # what checkpoints held before grids were rebuilt
+    loaded = DMTetGeometry.from_state_dict(dict(old))
+    assert loaded.spec == TetGridSpec.cube(6) and torch.equal(loaded.vertices(), geo.vertices())
+    into = DMTetGeometry(6)
+    into.load_state_dict(dict(old))  # strict: the grid buffers are dropped, not unexpected
+    assert torch.equal(into.sdf, geo.sdf) and set(into.state_dict()) == {"sdf", "deform", "_extra_state"}
+
+
+def test_geometry_is_built_on_the_requested_device():
+    spec = TetGridSpec.covering((-0.46, -0.58, -0.52), (0.46, 0.82, 0.52), 156)
+    geo = DMTetGeometry(spec, device="meta")  # a quality-sized grid's shapes, without its memory
+    assert {t.device.type for t in (geo.grid_verts, geo.tets, geo.sdf, geo.deform)} == {"meta"}
+    assert geo.tets.dtype == torch.int32 and geo.sdf.shape == (spec.n_vertices,)
+    assert 10e6 <= geo.tets.shape[0] <= 12e6

@@ -49,7 +49,8 @@ def hat_mesh(path: Path, head=None, radius: float = 0.085, bottom: float = 0.05,
 
 def fine_params(ws: Workspace) -> dict[str, torch.Tensor]:
     state = ws.load_checkpoint()["state"]["fine"]
-    return {f"{group}.{k}": v for group in ("geometry", "texture") for k, v in state[group].items()}
+    return {f"{group}.{k}": v for group in ("geometry", "texture") for k, v in state[group].items()
+            if isinstance(v, torch.Tensor)}
 
 
 def edit_config(*overrides: str) -> EditConfig:

@@ -95,7 +95,7 @@ def params_of(ws: Workspace) -> dict[str, torch.Tensor]:
         for group, sd in state[stage].items():
             if group == "optimizer":
                 continue
-            out.update({f"{stage}.{group}.{k}": v for k, v in sd.items()})
+            out.update({f"{stage}.{group}.{k}": v for k, v in sd.items() if isinstance(v, torch.Tensor)})
     return out
 
 

@@ -1,9 +1,9 @@
 """The export mesh: extraction at export resolution, cleanup, decimation, normals.
 
 A fine run's surface is the zero level set of the DMTet signed distance. Training
-may use a coarse grid (32 cells for the smoke preset: 2.5 cm facets on a head), so
-the exporter resamples the grid's SDF and deformation trilinearly onto a finer
-lattice and runs marching tetrahedra again, only in the cells the surface crosses
+may use a coarse grid (22 cells along the head's box for the smoke preset: 2.5 cm
+facets), so the exporter resamples the grid's SDF and deformation trilinearly onto a
+finer lattice and runs marching tetrahedra again, only in the cells the surface crosses
 (:func:`extract_surface`). The result is cleaned (:func:`clean_mesh`: degenerate
 faces, small floating components), decimated with a quadric simplifier
 (fast-simplification, Garland & Heckbert 1997) and given smooth vertex normals.
@@ -20,71 +20,84 @@ import math
 import numpy as np
 import torch
 
-from avatar.ops.marching_tets import marching_tetrahedra
+from avatar.ops.marching_tets import TetGridSpec, lattice_tetrahedra, marching_tetrahedra
 
 MAX_EXPORT_RESOLUTION = 192
-"""Finest lattice (cells across the field cube) extraction resamples to."""
+"""Finest lattice extraction resamples to, as cells across the field cube (a 4 mm cell at the
+default frame); :func:`export_resolution_cap` turns it into cells along a grid's longest side."""
 
 
-def _grid_values(geometry) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The DMTet grid as volumes: sdf (1, 1, N+1, N+1, N+1) and vertex offsets
-    (1, 3, N+1, N+1, N+1), indexed [x, y, z] as :func:`cube_tetrahedra` lays them out."""
-    n = int(geometry.resolution)
+def export_resolution_cap(spec: TetGridSpec, bound: float) -> int:
+    """The most cells along ``spec``'s longest side that extraction resamples to: cells no
+    smaller than the field cube's ``2 * bound / MAX_EXPORT_RESOLUTION``, never below training's."""
+    extent = spec.resolution * spec.cell
+    return max(spec.resolution, int(MAX_EXPORT_RESOLUTION * extent / (2.0 * bound) + 1e-6))
+
+
+def _grid_values(geometry) -> tuple[torch.Tensor, torch.Tensor, TetGridSpec]:
+    """The DMTet grid as volumes: sdf (1, 1, nx+1, ny+1, nz+1) and vertex offsets
+    (1, 3, nx+1, ny+1, nz+1), indexed [x, y, z] as :func:`tetrahedral_grid` lays them out."""
+    spec = geometry.spec
     with torch.no_grad():
-        sdf = geometry.sdf.detach().float().reshape(1, 1, n + 1, n + 1, n + 1)
+        sdf = geometry.sdf.detach().float().reshape(1, 1, *spec.vertex_shape)
         offset = (geometry.vertices() - geometry.grid_verts).detach().float()
-        offset = offset.reshape(n + 1, n + 1, n + 1, 3).permute(3, 0, 1, 2)[None]
-    return sdf, offset, n
+        offset = offset.reshape(*spec.vertex_shape, 3).permute(3, 0, 1, 2)[None]
+    return sdf.cpu(), offset.cpu(), spec
 
 
-def _sample(volume: torch.Tensor, points: torch.Tensor, bound: float) -> torch.Tensor:
-    """Trilinear lookup of a (1, C, X, Y, Z) volume over [-bound, bound]^3 at (N, 3) points -> (N, C)."""
+def _sample(volume: torch.Tensor, points: torch.Tensor, spec: TetGridSpec) -> torch.Tensor:
+    """Trilinear lookup of a (1, C, X, Y, Z) volume over ``spec``'s box at (N, 3) points -> (N, C)."""
+    origin = points.new_tensor(spec.origin)
+    extent = points.new_tensor(spec.cells) * spec.cell
     # grid_sample reads (x, y, z) as (W, H, D): our volume is [x, y, z] = [D, H, W], so flip.
-    grid = (points / bound).flip(-1).view(1, -1, 1, 1, 3)
+    grid = (2.0 * (points - origin) / extent - 1.0).flip(-1).view(1, -1, 1, 1, 3)
     out = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", align_corners=True, padding_mode="border")
     return out.view(volume.shape[1], -1).T
 
 
-def choose_resolution(train_resolution: int, train_faces: int, target_faces: int) -> int:
-    """Export lattice resolution: enough cells that marching tetrahedra gives about twice
-    the target face count (faces grow with the square of the resolution), never below
-    training's, at most :data:`MAX_EXPORT_RESOLUTION`."""
+def choose_resolution(train_resolution: int, train_faces: int, target_faces: int,
+                      max_resolution: int = MAX_EXPORT_RESOLUTION) -> int:
+    """Export lattice resolution (cells along the grid's longest side): enough cells that
+    marching tetrahedra gives about twice the target face count (faces grow with the square
+    of the resolution), never below training's, at most ``max_resolution``
+    (:func:`export_resolution_cap`)."""
     if train_faces <= 0:
         return train_resolution
     wanted = train_resolution * math.sqrt(2.0 * target_faces / train_faces)
-    return int(min(max(train_resolution, math.ceil(wanted / 8) * 8), max(train_resolution, MAX_EXPORT_RESOLUTION)))
+    return int(min(max(train_resolution, math.ceil(wanted / 8) * 8), max(train_resolution, max_resolution)))
 
 
 def extract_surface(geometry, resolution: int, chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Marching tetrahedra on the DMTet geometry resampled to ``resolution`` cells per side.
+    """Marching tetrahedra on the DMTet geometry resampled to ``resolution`` cells along its
+    grid's longest side (same box, smaller cubic cells).
 
     geometry: :class:`~avatar.fields.dmtet.DMTetGeometry`. The SDF and the vertex
     offsets are interpolated trilinearly; only cells whose eight corners do not all
-    share a sign get tetrahedra (Kuhn's six per cell, as in :func:`cube_tetrahedra`).
+    share a sign get tetrahedra (Kuhn's six per cell, :func:`lattice_tetrahedra`).
     Returns vertices (M, 3) float32 field units and faces (F, 3) int64, outward.
     """
-    sdf_vol, offset_vol, n = _grid_values(geometry)
-    bound = float(geometry.frame.bound)
+    sdf_vol, offset_vol, spec = _grid_values(geometry)
+    n = spec.resolution
     if resolution <= n:
         with torch.no_grad():
             verts, faces = geometry.extract()
-        return verts.detach().float(), faces.long()
-    m = int(resolution)
+        return verts.detach().float().cpu(), faces.long().cpu()
+    cell = spec.cell * n / int(resolution)
+    origin = torch.tensor(spec.origin)
+    last = torch.tensor([int(c * spec.cell / cell + 1e-6) for c in spec.cells])  # last lattice index per axis
     # Only the box around the training surface needs the fine lattice.
     inside = (sdf_vol[0, 0] < 0).nonzero()
     if inside.numel() == 0:
         return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
-    cell_train = 2 * bound / n
-    lo_w = -bound + (inside.min(0).values.float() - 2) * cell_train
-    hi_w = -bound + (inside.max(0).values.float() + 2) * cell_train
-    cell = 2 * bound / m
-    lo = torch.clamp(torch.floor((lo_w + bound) / cell), 0, m).long()
-    hi = torch.clamp(torch.ceil((hi_w + bound) / cell), 0, m).long()
+    lo_w = origin + (inside.min(0).values.float() - 2) * spec.cell
+    hi_w = origin + (inside.max(0).values.float() + 2) * spec.cell
+    lo = torch.minimum(torch.clamp(torch.floor((lo_w - origin) / cell), min=0).long(), last)
+    hi = torch.minimum(torch.clamp(torch.ceil((hi_w - origin) / cell), min=0).long(), last)
     size = (hi - lo + 1).tolist()  # lattice points per axis in the box
-    axes = [-bound + (lo[a] + torch.arange(size[a])).float() * cell for a in range(3)]
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-    sdf = torch.cat([_sample(sdf_vol, p, bound)[:, 0] for p in points.split(chunk)])
-    offset = torch.cat([_sample(offset_vol, p, bound) for p in points.split(chunk)])
+    axes = [spec.origin[a] + (lo[a] + torch.arange(size[a])).double() * cell for a in range(3)]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3).float()
+    sdf = torch.cat([_sample(sdf_vol, p, spec)[:, 0] for p in points.split(chunk)])
+    offset = torch.cat([_sample(offset_vol, p, spec) for p in points.split(chunk)])
     verts = points + offset
     # Cells whose corners change sign.
     sign = (sdf < 0).view(*size)
@@ -95,20 +108,7 @@ def extract_surface(geometry, resolution: int, chunk: int = 1 << 20) -> tuple[to
     cells = (any_in & ~all_in).nonzero()  # (C, 3)
     if cells.numel() == 0:
         return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
-
-    def vid(c: torch.Tensor) -> torch.Tensor:
-        return (c[:, 0] * size[1] + c[:, 1]) * size[2] + c[:, 2]
-
-    tets = []
-    for perm in itertools.permutations(range(3)):
-        corner = cells.clone()
-        ids = [vid(corner)]
-        for axis in perm:
-            corner = corner.clone()
-            corner[:, axis] += 1
-            ids.append(vid(corner))
-        tets.append(torch.stack(ids, dim=-1))
-    tets = torch.cat(tets)
+    tets = lattice_tetrahedra(cells, (size[0], size[1], size[2]))
     used, tets = torch.unique(tets, return_inverse=True)
     with torch.no_grad():
         mesh_v, mesh_f = marching_tetrahedra(verts[used], tets, sdf[used])
@@ -215,5 +215,5 @@ def smooth_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals / np.linalg.norm(normals, axis=1, keepdims=True)
 
 
-__all__ = ["MAX_EXPORT_RESOLUTION", "choose_resolution", "clean_mesh", "decimate", "extract_surface",
-           "face_areas", "remove_unreferenced", "smooth_normals", "taubin_smooth"]
+__all__ = ["MAX_EXPORT_RESOLUTION", "choose_resolution", "clean_mesh", "decimate", "export_resolution_cap",
+           "extract_surface", "face_areas", "remove_unreferenced", "smooth_normals", "taubin_smooth"]

@@ -143,6 +143,7 @@ def build_export_mesh(avatar: Any, faces: int, texture_size: int, engine: str = 
         choose_resolution,
         clean_mesh,
         decimate,
+        export_resolution_cap,
         extract_surface,
         smooth_normals,
         taubin_smooth,
@@ -154,7 +155,8 @@ def build_export_mesh(avatar: Any, faces: int, texture_size: int, engine: str = 
     with _timed(seconds, "extract", report):
         if avatar.geometry is not None:
             train_res = int(avatar.geometry.resolution)
-            resolution = choose_resolution(train_res, int(avatar.faces.shape[0]), faces)
+            cap = export_resolution_cap(avatar.geometry.spec, avatar.frame.bound)
+            resolution = choose_resolution(train_res, int(avatar.faces.shape[0]), faces, cap)
             verts_t, faces_t = extract_surface(avatar.geometry, resolution)
             stats["source"] = "fine"
         else:  # coarse-only run: the surface its checkpoint holds (DMTet on the coarse density)

@@ -16,29 +16,57 @@ from torch import nn
 
 from avatar.fields.frame import FieldFrame
 from avatar.fields.nerf import hash_grid, mlp
-from avatar.ops.marching_tets import cube_tetrahedra, marching_tetrahedra
+from avatar.ops.marching_tets import TetGridSpec, marching_tetrahedra, tetrahedral_grid
+
+GRID_STATE_KEY = "_extra_state"
+"""The key (under the geometry's prefix) of the grid's definition in a state dict."""
+
+LEGACY_GRID_KEYS = ("grid_verts", "tets")
+"""Buffers that checkpoints written before grids were rebuilt on load still carry: dropped on load."""
 
 
 class DMTetGeometry(nn.Module):
-    """SDF and deformation on a ``resolution``^3-cell tetrahedral grid of the field cube.
+    """SDF and deformation on the vertices of a tetrahedral grid.
 
-    sdf_init: callable (N, 3) field units -> (N,) signed distance in field units
+    grid: a :class:`~avatar.ops.marching_tets.TetGridSpec` (the fine stage's box around the
+        head, :func:`avatar.pipeline.generate.fine_grid`), or an int N for N cells per side
+        over the whole field cube.
+    sdf_init: callable (V, 3) field units -> (V,) signed distance in field units
         (negative inside), e.g. the prior's SDF or one derived from the coarse density.
+    deform_scale: bound on each vertex's offset, in cells.
+    device: where the grid is built and the parameters live (the run's device).
+
+    The grid itself (rest vertices (V, 3) float32, tetrahedra (T, 4) int32) is rebuilt from
+    its spec, never saved: ``state_dict()`` holds ``sdf`` (V,), ``deform`` (V, 3) and the
+    spec (a few numbers, as extra state). Loading a state checks that it is of this grid
+    (:meth:`from_state_dict` builds the right one) and drops the grid buffers older
+    checkpoints carry.
     """
 
-    def __init__(self, resolution: int, frame: FieldFrame | None = None,
-                 sdf_init: Callable[[torch.Tensor], torch.Tensor] | None = None, deform_scale: float = 0.5):
+    def __init__(self, grid: int | TetGridSpec, frame: FieldFrame | None = None,
+                 sdf_init: Callable[[torch.Tensor], torch.Tensor] | None = None, deform_scale: float = 0.5,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.frame = frame or FieldFrame()
-        self.resolution = resolution
-        verts, tets = cube_tetrahedra(resolution, self.frame.bound)
-        self.register_buffer("grid_verts", verts)
-        self.register_buffer("tets", tets)
-        self.cell = 2.0 * self.frame.bound / resolution
+        self.spec = grid if isinstance(grid, TetGridSpec) else TetGridSpec.cube(grid, self.frame.bound)
+        verts, tets = tetrahedral_grid(self.spec, device if device is not None else "cpu")
+        self.register_buffer("grid_verts", verts, persistent=False)
+        self.register_buffer("tets", tets, persistent=False)
+        self.resolution = self.spec.resolution
+        self.cell = self.spec.cell
         self.deform_scale = deform_scale
         init = sdf_init(verts) if sdf_init is not None else verts.norm(dim=-1) - 0.5 * self.frame.bound
-        self.sdf = nn.Parameter(init.detach().float().clone())
+        self.sdf = nn.Parameter(init.detach().to(device=verts.device, dtype=torch.float32).clone())
         self.deform = nn.Parameter(torch.zeros_like(verts))
+
+    @classmethod
+    def from_state_dict(cls, state: dict, frame: FieldFrame | None = None, deform_scale: float = 0.5,
+                        device: torch.device | str | None = None) -> DMTetGeometry:
+        """The geometry a saved ``state`` (this class's ``state_dict()``, or an older one with
+        the grid buffers) belongs to, on ``device``, with the state loaded."""
+        geometry = cls(grid_of_state(state), frame, lambda p: p.new_zeros(p.shape[0]), deform_scale, device)
+        geometry.load_state_dict(state)
+        return geometry
 
     def vertices(self) -> torch.Tensor:
         """(V, 3) deformed grid vertices, each within ``deform_scale`` cells of its rest position."""
@@ -47,6 +75,49 @@ class DMTetGeometry(nn.Module):
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current surface: vertices (M, 3) field units (differentiable) and faces (F, 3)."""
         return marching_tetrahedra(self.vertices(), self.tets, self.sdf)
+
+    def get_extra_state(self) -> dict:
+        return {"grid": self.spec.to_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        pass  # checked in _load_from_state_dict, before the parameters are copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        spec = grid_of_state(local)
+        for name in LEGACY_GRID_KEYS:
+            state_dict.pop(prefix + name, None)
+        state_dict.setdefault(prefix + GRID_STATE_KEY, {"grid": spec.to_dict()})
+        if not _same_grid(spec, self.spec):
+            raise ValueError(f"the saved geometry is of a grid of {spec.cells} cells of {spec.cell:.5g} from "
+                             f"{_fmt(spec.origin)}, this one of {self.spec.cells} cells of {self.spec.cell:.5g} "
+                             f"from {_fmt(self.spec.origin)}: build it with DMTetGeometry.from_state_dict")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def grid_of_state(state: dict) -> TetGridSpec:
+    """The :class:`~avatar.ops.marching_tets.TetGridSpec` of a saved geometry state (keys
+    without the module prefix): its extra state, or for checkpoints written before grids
+    were rebuilt, the rest vertices they stored."""
+    extra = state.get(GRID_STATE_KEY)
+    if isinstance(extra, dict) and isinstance(extra.get("grid"), dict):
+        return TetGridSpec.from_dict(extra["grid"])
+    if "grid_verts" in state:
+        return TetGridSpec.of_vertices(state["grid_verts"])
+    raise ValueError("the saved geometry has no grid definition (neither its extra state nor the grid_verts of "
+                     "older checkpoints): it is not a DMTetGeometry state")
+
+
+def _same_grid(a: TetGridSpec, b: TetGridSpec) -> bool:
+    tol = 1e-5 * min(a.cell, b.cell)
+    return (a.cells == b.cells and abs(a.cell - b.cell) <= tol
+            and all(abs(x - y) <= tol * max(a.cells) for x, y in zip(a.origin, b.origin)))
+
+
+def _fmt(point: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in point) + ")"
 
 
 class TextureField(nn.Module):
@@ -80,19 +151,19 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
 
 def normal_consistency_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Mean (1 - cos) between the normals of triangles sharing an edge."""
+    """Mean (1 - cos) between the normals of triangles sharing an edge.
+
+    verts: (V, 3); faces: (F, 3). Sort-based, with no data-dependent sizes, so it never
+    waits for the device: the three edges of every face get one integer key each, and
+    neighbouring entries of the sorted keys that are equal are the two faces of an edge.
+    """
     f = faces.long()
     face_n = torch.nn.functional.normalize(
         torch.linalg.cross(verts[f[:, 1]] - verts[f[:, 0]], verts[f[:, 2]] - verts[f[:, 0]], dim=-1), dim=-1)
     edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
-    key = torch.sort(edges, dim=1).values
+    key = edges.min(1).values * verts.shape[0] + edges.max(1).values
     face_id = torch.arange(f.shape[0], device=f.device).repeat(3)
-    _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    sorted_inv = inverse[order]
-    # Pairs of consecutive entries with the same edge id are the two faces of a manifold edge.
-    same = sorted_inv[1:] == sorted_inv[:-1]
-    a, b = face_id[order[:-1][same]], face_id[order[1:][same]]
-    if a.numel() == 0:
-        return verts.new_zeros(())
-    return (1.0 - (face_n[a] * face_n[b]).sum(-1)).mean()
+    key, order = torch.sort(key, stable=True)
+    same = (key[1:] == key[:-1]).to(face_n.dtype)  # (3F - 1,): 1 where entries i, i + 1 share an edge
+    a, b = face_id[order[:-1]], face_id[order[1:]]
+    return ((1.0 - (face_n[a] * face_n[b]).sum(-1)) * same).sum() / same.sum().clamp(min=1.0)

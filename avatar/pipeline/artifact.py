@@ -87,8 +87,6 @@ def load_avatar(run: str | Path | Any, device: str | torch.device = "cpu", need_
     Raises :class:`ArtifactError` for an unfinished run, a folder that is not a run, or a
     run written by a newer avatar.
     """
-    import yaml
-
     from avatar.config import CONFIG_VERSION, EngineConfig, FineStageConfig
     from avatar.workspace import Workspace
 
@@ -98,8 +96,7 @@ def load_avatar(run: str | Path | Any, device: str | torch.device = "cpu", need_
     if kind not in RUN_KINDS:
         raise ArtifactError(f"{ws.root} is a '{kind}' folder, not an avatar run: pass a generate, import or edit "
                             "folder")
-    raw = yaml.safe_load(ws.config_path.read_text()) if ws.config_path.is_file() else {}
-    raw = raw if isinstance(raw, dict) else {}
+    raw = _saved_config(ws.config_path)
     version = raw.get("config_version", CONFIG_VERSION)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ArtifactError(f"{ws.root} was written by a newer avatar (config version {version}, this one reads "
@@ -122,13 +119,16 @@ def load_avatar(run: str | Path | Any, device: str | torch.device = "cpu", need_
         from avatar.pipeline.generate import field_options
 
         fine_cfg = _stage_config(raw.get("fine"), FineStageConfig)
-        geo_state = state["fine"]["geometry"]
-        geometry = DMTetGeometry(fine_cfg.dmtet_resolution, frame, lambda p: torch.zeros(p.shape[0]),
-                                 fine_cfg.deform_scale)
-        geometry.load_state_dict(geo_state)
-        texture = TextureField(frame, engine=engines.hashgrid, **field_options(fine_cfg, device))
-        texture.load_state_dict(state["fine"]["texture"])
-        geometry, texture = geometry.to(device).eval(), texture.to(device).eval()
+        try:
+            # The grid comes from the checkpoint (its spec, or the grid older ones stored), built
+            # once on ``device``: never from the config's resolution.
+            geometry = DMTetGeometry.from_state_dict(state["fine"]["geometry"], frame, fine_cfg.deform_scale, device)
+            texture = TextureField(frame, engine=engines.hashgrid, **field_options(fine_cfg, device))
+            texture.load_state_dict(state["fine"]["texture"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"the checkpoint {path} does not fit the field sizes in {ws.config_path} "
+                                f"({' '.join(str(exc).split())[:200]}): restore the run's own config.yaml") from exc
+        geometry, texture = geometry.eval(), texture.to(device).eval()
         albedo: Callable[[torch.Tensor], torch.Tensor] = texture
     elif need_fine:
         raise ArtifactError(f"run {ws.root} has no fine stage (it ran with fine.steps=0): edits need the fine "
@@ -144,6 +144,25 @@ def load_avatar(run: str | Path | Any, device: str | torch.device = "cpu", need_
         config=raw, prompt=str(info.get("prompt", raw.get("prompt", ""))),
         prior_spec=str(info.get("prior", (raw.get("prior") or {}).get("spec", "auto"))), checkpoint=path,
         checkpoint_sha256=file_sha256(path))
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as a plain dict. It holds the sizes of the run's fields, which no
+    default may stand in for, so a missing, unreadable or garbled file is an
+    :class:`ArtifactError` (one line, naming the file), never the defaults."""
+    from avatar.config import ConfigError, read_config_file
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: it records the run's settings (the sizes of its fields), which "
+                            "export and edit need; restore it from a backup of the run folder")
+    try:
+        raw = read_config_file(path)
+    except ConfigError as exc:
+        raise ArtifactError(f"{exc}; it records the run's settings, which export and edit need") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path} is not a mapping of config keys (it holds a {type(raw).__name__}): restore the "
+                            "run's config.yaml from a backup of the run folder")
+    return raw
 
 
 def _coarse_albedo(state: dict[str, Any], raw: dict[str, Any], frame: FieldFrame, engines: Any,

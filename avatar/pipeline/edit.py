@@ -26,8 +26,8 @@ Configuration: an :class:`~avatar.config.EditConfig` (saved as the edit's
 ``config.yaml``). The loop itself runs on a :class:`~avatar.config.GenerateConfig`
 composed from it (:func:`loop_config`): the source's prior and guidance model, the
 edit's cameras and fine-stage settings, no coarse stage. The fine stage continues the
-source's fields, so their sizes (:data:`SOURCE_FINE_FIELDS`: DMTet resolution, offset
-bound, hash-grid sizes, MLP width) always come from the source's config, whatever the
+source's fields, so their sizes (:data:`SOURCE_FINE_FIELDS`: DMTet resolution and
+box, offset bound, hash-grid sizes, MLP width) always come from the source's config, whatever the
 edit preset says; :func:`resolve_edit_config` copies them into the edit's config, so
 the saved config describes the edit folder's own checkpoints (which is what
 ``load_avatar`` and ``avatar export`` read) and a chained edit finds them there.
@@ -53,8 +53,8 @@ from avatar.errors import AvatarError
 from avatar.fields.frame import FieldFrame
 from avatar.pipeline.generate import PREVIEW_VIEWS, GenerateError, GenerateRun, MeshTarget, validate_config
 
-SOURCE_FINE_FIELDS = ("dmtet_resolution", "deform_scale", "n_levels", "log2_hashmap_size", "max_resolution",
-                      "hidden")
+SOURCE_FINE_FIELDS = ("dmtet_resolution", "grid_margin", "grid_headroom", "deform_scale", "n_levels",
+                      "log2_hashmap_size", "max_resolution", "hidden")
 """Fine-stage config fields that size the source's modules: an edit always takes them from the source."""
 
 BEFORE_AFTER = "before-after.png"
@@ -205,10 +205,14 @@ class EditRun(GenerateRun):
                                   render_edit=self.target, t_range=tuple(f.t_range), total_steps=max(f.steps, 1),
                                   anneal=f.t_anneal, anneal_to=f.t_anneal_to)
 
+    def _fine_grid(self) -> Any:
+        """The source's DMTet grid (read from its checkpoint): the edit continues its SDF."""
+        return self.source.geometry.spec
+
     def _build_fine(self) -> None:
         from avatar.pipeline.generate import FineStage
 
-        fine = FineStage(self.cfg, self.frame, self.device, lambda p: torch.zeros(p.shape[0]))
+        fine = FineStage(self.cfg, self.frame, self.device, lambda p: p.new_zeros(p.shape[0]), self._fine_grid())
         fine.geometry.load_state_dict(self.source.geometry.state_dict())
         fine.texture.load_state_dict(self.source.texture.state_dict())
         self.fine = fine

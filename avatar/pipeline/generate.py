@@ -9,7 +9,9 @@ HeadSculpt's method (docs/DESIGN.md, "The method"):
    Lambertian / textureless), optimised by score distillation conditioned on the
    prior's landmark image, plus opacity sparsity and DreamFusion's orientation loss.
 2. **Fine**: the coarse density becomes the SDF of a :class:`~avatar.fields.dmtet.DMTetGeometry`
-   (the prior's SDF for fine-only runs); marching tetrahedra gives a mesh every
+   (the prior's SDF for fine-only runs) on a grid over the head's box (:func:`fine_grid`:
+   the prior's bounding box plus ``fine.grid_margin`` and ``fine.grid_headroom``, built on
+   the run's device and never saved); marching tetrahedra gives a mesh every
    step, rasterised at ``fine.resolution`` and textured by a
    :class:`~avatar.fields.dmtet.TextureField`; SDS continues with the fine stage's
    timestep range, plus Laplacian and normal-consistency regularisers.
@@ -102,6 +104,23 @@ def head_frame(prior: Any, scale: float = 2.5) -> FieldFrame:
     return FieldFrame(scale=scale, centre=(float(centre[0]), float(centre[1]), float(centre[2])))
 
 
+def fine_grid(fine_cfg: Any, frame: FieldFrame, prior: Any) -> Any:
+    """The fine stage's tetrahedral grid (a :class:`~avatar.ops.marching_tets.TetGridSpec`):
+    the head prior's bounding box in field units plus ``fine_cfg.grid_margin`` at the sides,
+    front, back and below and ``fine_cfg.grid_headroom`` above (hats), clipped to the field
+    cube, with ``fine_cfg.dmtet_resolution`` cubic cells along its longest side. A head spans
+    about +-0.4 of the cube's +-1, so the cells are about 1.4 times smaller than those of a
+    cube grid of the same resolution, and the grid has about half its tetrahedra."""
+    from avatar.ops.marching_tets import TetGridSpec
+
+    points = frame.to_field(prior.template.detach().float().cpu())
+    margin, bound = float(fine_cfg.grid_margin), float(frame.bound)
+    lo = (points.min(0).values - margin).clamp(min=-bound).tolist()
+    hi = points.max(0).values + margin
+    hi[1] = points[:, 1].max() + float(fine_cfg.grid_headroom)
+    return TetGridSpec.covering(lo, hi.clamp(max=bound).tolist(), int(fine_cfg.dmtet_resolution), within=bound)
+
+
 def validate_config(cfg: Any) -> None:
     """Reject values no run can use, before any work starts."""
     problems = []
@@ -128,6 +147,10 @@ def validate_config(cfg: Any) -> None:
         problems.append("coarse.occupancy_update_every must be >= 1")
     if cfg.fine.dmtet_resolution < 4:
         problems.append(f"fine.dmtet_resolution must be >= 4, got {cfg.fine.dmtet_resolution}")
+    for name in ("grid_margin", "grid_headroom"):
+        if not getattr(cfg.fine, name) > 0:
+            problems.append(f"fine.{name} must be > 0 field units (room around the head), got "
+                            f"{getattr(cfg.fine, name)}")
     if cfg.checkpoint_every < 1 or cfg.preview_every < 1:
         problems.append("checkpoint_every and preview_every must be >= 1")
     if problems:
@@ -264,22 +287,28 @@ class CoarseStage:
         def sdf(points: torch.Tensor) -> torch.Tensor:
             pts = points.to(next(self.field.parameters()).device)
             dens = torch.cat([self.field.density(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)])
-            return ((level - dens) / level).clamp(-1.0, 1.0).cpu() * cell
+            return ((level - dens) / level).clamp(-1.0, 1.0) * cell
         return sdf
 
 
 class FineStage:
-    """DMTet geometry + texture field + mesh renderer + Adam."""
+    """DMTet geometry + texture field + mesh renderer + Adam.
+
+    grid: the DMTet grid's :class:`~avatar.ops.marching_tets.TetGridSpec`; None takes
+    :func:`fine_grid` of the config and its head prior. The grid is built on ``device``.
+    """
 
     name = "fine"
 
-    def __init__(self, cfg: Any, frame: FieldFrame, device: torch.device, sdf_init: Any):
+    def __init__(self, cfg: Any, frame: FieldFrame, device: torch.device, sdf_init: Any, grid: Any = None):
         from avatar.fields.dmtet import DMTetGeometry, TextureField
         from avatar.render.mesh import MeshRenderer
 
         f = cfg.fine
         self.cfg = f
-        self.geometry = DMTetGeometry(f.dmtet_resolution, frame, sdf_init, f.deform_scale).to(device)
+        if grid is None:
+            grid = fine_grid(f, frame, load_prior(cfg.prior.spec))
+        self.geometry = DMTetGeometry(grid, frame, sdf_init, f.deform_scale, device=device)
         self.texture = TextureField(frame, engine=cfg.engines.hashgrid, **field_options(f, device)).to(device)
         self.renderer = MeshRenderer(cfg.engines.raster)
         self.base_lrs = {"sdf": f.lr, "deform": f.lr, "texture": f.texture_lr, "texture_mlp": f.lr_mlp}
@@ -412,8 +441,12 @@ class GenerateRun:
     def _build_coarse(self) -> None:
         self.coarse = CoarseStage(self.cfg, self.frame, self.prior, self.device)
 
+    def _fine_grid(self) -> Any:
+        """The DMTet grid of this run's fine stage (:func:`fine_grid`; an edit keeps its source's)."""
+        return fine_grid(self.cfg.fine, self.frame, self.prior)
+
     def _fine_sdf_init(self) -> Any:
-        cell = 2.0 * self.frame.bound / self.cfg.fine.dmtet_resolution
+        cell = self._fine_grid().cell
         if self.coarse is not None:
             # The prior's surface sits where the density bias is half way up its step
             # (NeRFField.density_bias); the coarse field's level set at that density is its surface.
@@ -423,7 +456,7 @@ class GenerateRun:
         return lambda p: prior.sdf(frame.to_metres(p.cpu())).float() * frame.scale
 
     def _build_fine(self) -> None:
-        self.fine = FineStage(self.cfg, self.frame, self.device, self._fine_sdf_init())
+        self.fine = FineStage(self.cfg, self.frame, self.device, self._fine_sdf_init(), self._fine_grid())
         self.coarse = None  # the coarse field is no longer needed
 
     def _ensure_stage(self) -> Any:
@@ -475,7 +508,11 @@ class GenerateRun:
             self._build_coarse()
             self.coarse.load_state_dict(state["coarse"])  # type: ignore[union-attr]
         if state.get("fine") is not None:
-            self.fine = FineStage(self.cfg, self.frame, self.device, None)
+            from avatar.fields.dmtet import grid_of_state
+
+            # The grid the saved SDF lives on (older checkpoints: the cube grid they stored).
+            grid = grid_of_state(state["fine"]["geometry"])
+            self.fine = FineStage(self.cfg, self.frame, self.device, lambda p: p.new_zeros(p.shape[0]), grid)
             self.fine.load_state_dict(state["fine"])
         self.lr_scale = float(state["lr_scale"])
         self.nan_rollbacks = int(state["nan_rollbacks"])
@@ -503,8 +540,8 @@ class GenerateRun:
             else:
                 from avatar.fields.dmtet import DMTetGeometry
 
-                geo = DMTetGeometry(self.cfg.fine.dmtet_resolution, self.frame, self._fine_sdf_init(),
-                                    self.cfg.fine.deform_scale)
+                geo = DMTetGeometry(self._fine_grid(), self.frame, self._fine_sdf_init(), self.cfg.fine.deform_scale,
+                                    device=self.device)
                 verts, faces = geo.extract()
         return {"vertices": verts.detach().float().cpu(), "faces": faces.to(torch.int64).cpu(),
                 "frame": self.frame.to_dict(), "units": "field"}
@@ -716,4 +753,4 @@ def load_final_mesh(workspace: Any) -> tuple[torch.Tensor, torch.Tensor, FieldFr
 
 
 __all__ = ["GenerateError", "NonFiniteLoss", "GenerateRun", "MeshTarget", "run_generate", "load_final_mesh",
-           "validate_config", "resolve_device", "field_options", "head_frame", "load_prior"]
+           "validate_config", "resolve_device", "field_options", "head_frame", "load_prior", "fine_grid"]
