@@ -291,3 +291,34 @@ def test_single_stage_runs_still_leave_a_mesh(tmp_path, one_thread, coarse_steps
     verts, faces, _ = load_final_mesh(ws)
     assert faces.shape[0] > 100
     assert float(verts[:, 1].max() - verts[:, 1].min()) == pytest.approx(0.26, abs=0.08)
+
+
+def test_a_training_step_reads_the_device_back_once(tmp_path, one_thread, monkeypatch):
+    """Every logged number of a step crosses to the host in one read-back (on a GPU each
+    float(tensor) is a wait for the device's queue); the objective hands over tensors."""
+    import avatar.pipeline.generate as generate
+
+    calls: list[dict] = []
+    real = generate.read_back
+
+    def counting(values):
+        calls.append(dict(values))
+        return real(values)
+
+    monkeypatch.setattr(generate, "read_back", counting)
+    cfg = tiny_run_config(tmp_path, 2)
+    ws = Workspace.create(tmp_path, "one-read")
+    run_generate(cfg, ws, guidance=oracle_sphere_guidance(cfg), progress=False)
+    assert len(calls) == 4  # 2 coarse + 2 fine steps
+    for values in calls:
+        assert isinstance(values["loss"], torch.Tensor)
+        assert all(isinstance(v, torch.Tensor) for k, v in values.items() if k != "t"), values
+    assert "occupancy" in calls[0] and "laplacian" in calls[-1]
+
+
+def test_read_back_keeps_names_and_order():
+    from avatar.pipeline.generate import read_back
+
+    got = read_back({"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([[0.25]]), "d": torch.tensor(float("nan"))})
+    assert list(got) == ["a", "b", "c", "d"] and got["a"] == 1.5 and got["b"] == 2.0 and got["c"] == 0.25
+    assert all(isinstance(v, float) for v in got.values()) and got["d"] != got["d"]

@@ -306,7 +306,11 @@ class OccupancyGrid(nn.Module):
     @property
     def occupancy(self) -> float:
         """Fraction of occupied cells."""
-        return float(unpack_occupancy(self.bitfield, self.resolution).float().mean())
+        return float(self.occupied_fraction())
+
+    def occupied_fraction(self) -> torch.Tensor:
+        """Fraction of occupied cells, a 0-d tensor where the grid is (nothing read back)."""
+        return unpack_occupancy(self.bitfield, self.resolution).float().mean()
 
     def cell_centres(self) -> torch.Tensor:
         """(res^3, 3) centres of all cells in bit order."""

@@ -239,7 +239,8 @@ class EditRun(GenerateRun):
                                            albedo=self.source_texture, shading=shading, light=light,
                                            background="white")
 
-    def objective(self, out: Any, cameras: Any, local_step: int) -> tuple[torch.Tensor, dict[str, float], float]:
+    def objective(self, out: Any, cameras: Any, local_step: int
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """IESD: the identity term sees the source rendered like this step's rendering."""
         source = self.render_source(cameras, self.shading, self.light).rgb
         control = self._control(cameras)
@@ -247,7 +248,7 @@ class EditRun(GenerateRun):
                                                source_images=source)
         drift = (out.rgb.detach() - source).pow(2).mean()
         loss = sds.loss
-        terms = {"iesd": float(sds.loss.detach()), "source_mse": float(drift)}
+        terms = {"iesd": sds.loss.detach(), "source_mse": drift}
         # The anchor belongs to the identity side of IESD, whose share is 1 - strength.
         weight = float(self.edit_cfg.lambda_anchor) * (1.0 - float(self.edit_cfg.strength))
         if weight > 0 and not self.edit_cfg.texture_only:
@@ -258,8 +259,8 @@ class EditRun(GenerateRun):
             sdf0, deform0 = self._anchor
             anchor = ((geo.sdf - sdf0) / geo.cell).pow(2).sum() + (geo.deform - deform0).pow(2).sum()
             loss = loss + weight * anchor
-            terms["anchor"] = float(anchor.detach())
-        return loss, terms, float(sds.t.float().mean())
+            terms["anchor"] = anchor.detach()
+        return loss, terms, sds.t.float().mean()
 
     # -- records -----------------------------------------------------------------
     def write_config(self) -> None:

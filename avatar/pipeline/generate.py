@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import signal
 import threading
 import time
@@ -60,6 +61,30 @@ FIELD_DEFAULTS = {
 """Hash-grid sizes per device type, used where the stage config has no such field.
 Instant-NGP's sizes on GPUs; on CPUs a grid small enough for minutes-long runs."""
 
+
+
+def read_back(values: dict[str, Any]) -> dict[str, float]:
+    """Floats of ``values`` (tensors of one element, or numbers), reading the device once.
+
+    Tensors on the CPU are read directly; those on a GPU are stacked and copied in one
+    transfer, so a training step waits for the device once, not once per logged number.
+    """
+    out: dict[str, float] = {}
+    on_device: dict[str, torch.Tensor] = {}
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            out[name] = float(value)
+        elif value.device.type == "cpu":
+            out[name] = float(value.detach().reshape(()))
+        else:
+            on_device[name] = value.detach().reshape(()).float()
+    if on_device:
+        by_device: dict[torch.device, list[str]] = {}
+        for name, value in on_device.items():
+            by_device.setdefault(value.device, []).append(name)
+        for names in by_device.values():
+            out.update(zip(names, torch.stack([on_device[n] for n in names]).tolist()))
+    return {name: out[name] for name in values}
 
 class GenerateError(AvatarError, RuntimeError):
     """A generate run cannot start or continue; the message says why and what to do."""
@@ -408,11 +433,12 @@ class GenerateRun:
         self.guidance = guidance if guidance is not None else self._make_guidance()
         self._guidance_stage: str | None = None
         self.use_control = self.guidance.kind != "oracle" and bool(str(cfg.guidance.controlnet).strip())
-        # The prior in field units, for the landmark control images.
-        self.prior_verts = self.frame.to_field(self.prior.template.detach().float().cpu()).to(self.device)
-        self.prior_faces = self.prior.all_faces().to(self.device)
-        self.prior_landmarks = self.frame.to_field(self.prior.neutral_landmarks().detach().float().cpu()).to(
-            self.device)
+        # The prior in field units, for the landmark control images. They are drawn on the host
+        # from the step's host cameras (lines are drawn by PIL), so these stay on the CPU.
+        self.prior_verts = self.frame.to_field(self.prior.template.detach().float().cpu())
+        self.prior_faces = self.prior.all_faces().cpu()
+        self.prior_landmarks = self.frame.to_field(self.prior.neutral_landmarks().detach().float().cpu())
+        self._step_cameras: tuple[Any, Any] | None = None  # (on the device, on the host) of this step
         self.last_record: dict[str, Any] = {}
         self.shading: str = "albedo"  # the shading and light of the current step's renders
         self.light: torch.Tensor | None = None
@@ -553,16 +579,23 @@ class GenerateRun:
         from avatar.render.control import CONTROL_RESOLUTION, control_images
 
         size = CONTROL_RESOLUTION if self.guidance.kind == "diffusion" else cameras.height
-        cams = cameras.with_resolution(size)
-        return control_images(cams, self.prior_landmarks, self.prior.landmark_contours, self.prior_verts,
-                              self.prior_faces, closed=self.prior.closed_contours, engine=self.cfg.engines.raster)
+        # The step's cameras were sampled on the host: drawing from that copy reads nothing
+        # back from the GPU.
+        step = self._step_cameras
+        host = step[1] if step is not None and step[0] is cameras else cameras.to("cpu")
+        images = control_images(host.with_resolution(size), self.prior_landmarks, self.prior.landmark_contours,
+                                self.prior_verts, self.prior_faces, closed=self.prior.closed_contours,
+                                engine=self.cfg.engines.raster)
+        return images.to(self.device, non_blocking=True)
 
-    def objective(self, out: Any, cameras: Any, local_step: int) -> tuple[torch.Tensor, dict[str, float], float]:
+    def objective(self, out: Any, cameras: Any, local_step: int
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], torch.Tensor | float]:
         """The data term of one step: (loss, logged terms, mean timestep). Generate uses score
-        distillation conditioned on the landmark image; edit and import replace this."""
+        distillation conditioned on the landmark image; edit and import replace this. Terms may
+        be tensors: the step reads every logged number back from the device at once."""
         control = self._control(cameras)
         sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step)
-        return sds.loss, {"sds": float(sds.loss.detach())}, float(sds.t.float().mean())
+        return sds.loss, {"sds": sds.loss.detach()}, sds.t.float().mean()
 
     def train_step(self, stage_obj: Any) -> dict[str, Any]:
         from avatar.render.cameras import sample_cameras
@@ -572,9 +605,13 @@ class GenerateRun:
         st = getattr(self.cfg, stage)
         local = self.step - (self.n_coarse if stage == "fine" else 0)
         t0 = time.perf_counter()
-        cameras = sample_cameras(st.batch_size, self.cfg.cameras, st.resolution, self.generator, self.device)
+        # Cameras, shading and light are drawn on the host (the run's generator lives there)
+        # and sent to the device without waiting for it.
+        cameras_host = sample_cameras(st.batch_size, self.cfg.cameras, st.resolution, self.generator, "cpu")
+        cameras = cameras_host.to(self.device)
+        self._step_cameras = (cameras, cameras_host)
         shading = sample_shading(tuple(st.shading_probs), self.generator)
-        light = random_light(cameras.eye, self.generator)
+        light = random_light(cameras_host.eye, self.generator).to(self.device, non_blocking=True)
         light = None if shading == "albedo" else light
         out, regs = stage_obj.render(cameras, shading, light, self.generator, local)
         t1 = time.perf_counter()
@@ -585,22 +622,27 @@ class GenerateRun:
         t2 = time.perf_counter()
         for name, (weight, value) in regs.items():
             loss = loss + weight * value
-            terms[name] = float(value.detach())
-        if not bool(torch.isfinite(loss.detach())):
-            raise NonFiniteLoss(f"loss is {float(loss.detach())} at step {self.step + 1} ({stage})")
+            terms[name] = value.detach()
+        logged = {"loss": loss.detach(), **terms, "t": t_mean}
+        if stage == "coarse":
+            logged["occupancy"] = stage_obj.occupancy.occupied_fraction()
+        # The one read-back of the step: every logged number at once, before the backward
+        # (a non-finite loss must not reach the optimiser).
+        numbers = read_back(logged)
+        if not math.isfinite(numbers["loss"]):
+            raise NonFiniteLoss(f"loss is {numbers['loss']} at step {self.step + 1} ({stage})")
         stage_obj.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stage_obj.optimizer.step()
         t3 = time.perf_counter()
         record: dict[str, Any] = {
-            "stage": stage, "loss": float(loss.detach()), **terms, "shading": shading,
-            "t": t_mean,
+            "stage": stage, "loss": numbers.pop("loss"), **numbers, "shading": shading,
             **{f"lr_{g['name']}": g["lr"] for g in stage_obj.optimizer.param_groups},
             "seconds_render": round(t1 - t0, 4), "seconds_guidance": round(t2 - t1, 4),
             "seconds_backward": round(t3 - t2, 4),
         }
-        if stage == "coarse":
-            record["occupancy"] = round(stage_obj.occupancy.occupancy, 4)
+        if "occupancy" in record:
+            record["occupancy"] = round(record["occupancy"], 4)
         return record
 
     # -- previews ----------------------------------------------------------------

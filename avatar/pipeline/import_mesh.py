@@ -173,7 +173,7 @@ class ImportRun(GenerateRun):
                            guidance=self.guidance.kind, guidance_records=self.guidance.records,
                            source_mesh=str(self.mesh_path), frame=self.frame.to_dict())
 
-    def objective(self, out: Any, cameras: Any, local_step: int) -> tuple[torch.Tensor, dict[str, float], float]:
+    def objective(self, out: Any, cameras: Any, local_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
         target = self.target
         assert target is not None
         with torch.no_grad():
@@ -186,7 +186,7 @@ class ImportRun(GenerateRun):
         normal = ((1.0 - cos) * both).sum() / both.sum().clamp(min=1)
         terms = {"rgb": rgb, "silhouette": silhouette, "normal": normal}
         loss = sum(WEIGHTS[k] * v for k, v in terms.items())
-        return loss, {k: float(v.detach()) for k, v in terms.items()}, 0.0
+        return loss, {k: v.detach() for k, v in terms.items()}, 0.0
 
 
 def import_config(cfg: Any) -> Any:

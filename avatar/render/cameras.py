@@ -111,8 +111,13 @@ class Cameras:
         return self.c2w.device
 
     def to(self, device: torch.device | str) -> Cameras:
-        return Cameras(self.c2w.to(device), self.fov_y.to(device), self.height, self.width,
-                       self.azimuth.to(device), self.polar.to(device), self.radius.to(device), list(self.views))
+        # non_blocking: a copy from the host to a GPU then does not wait for the GPU's queue
+        # (pageable memory is staged at once, so the source may be reused straight away).
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=t.device.type == "cpu")
+
+        return Cameras(move(self.c2w), move(self.fov_y), self.height, self.width,
+                       move(self.azimuth), move(self.polar), move(self.radius), list(self.views))
 
     def with_resolution(self, height: int, width: int | None = None) -> Cameras:
         """Same cameras at another image size (the field of view is kept)."""

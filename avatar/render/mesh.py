@@ -79,11 +79,13 @@ class MeshRenderer:
             colour = interp[..., 7:10]
         elif albedo is None:
             colour = torch.full_like(positions, 0.7)
-        else:
+        elif positions.device.type == "cpu":  # the field only at covered pixels: it is the cost here
             colour = torch.zeros_like(positions)
             visible = mask[..., 0]
             if visible.any():
                 colour = colour.index_put((visible.nonzero(as_tuple=True)), albedo(positions[visible]))
+        else:  # every pixel, masked: on a GPU cheaper than reading the coverage back to the host
+            colour = albedo(positions.reshape(-1, 3)).reshape(positions.shape) * mask.to(positions.dtype)
         colour = shade(colour, normals, positions, shading, light, ambient) if shading != "albedo" else colour
         _, dirs = cameras.rays()
         bg = background_colour(background, dirs)
