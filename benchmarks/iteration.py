@@ -239,14 +239,20 @@ def flops_mode(args: argparse.Namespace, log) -> None:
     print(flops.markdown(report) if args.markdown else json.dumps(report, indent=2))
 
 
+def _quality_dmtet() -> int:
+    from avatar.config import GenerateConfig, make_config
+
+    return int(make_config(GenerateConfig, "quality", []).fine.dmtet_resolution)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and a smaller fine stage only")
     parser.add_argument("--no-smoke", action="store_true", help="skip the smoke run")
     parser.add_argument("--smoke-only", action="store_true", help="only the smoke run's time and peak memory")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fine-dmtet", type=int, default=128,
-                        help="DMTet resolution of the fine case (the quality preset's grid is a GPU size)")
+    parser.add_argument("--fine-dmtet", type=int, default=None,
+                        help="DMTet cells along the head box of the fine case (default: the quality preset's)")
     parser.add_argument("--flops", action="store_true",
                         help="FLOPs, bytes moved and memory of one step by part, and its H100 projection")
     parser.add_argument("--markdown", action="store_true", help="with --flops: a markdown table instead of JSON")
@@ -275,7 +281,7 @@ def main() -> None:
 
     log("coarse stage (quality sizes: 64x64, 128 samples, L16 T19)")
     report["coarse"] = stage_parts("coarse", "quality", [], args.repeats)
-    fine_dmtet = 64 if args.quick else args.fine_dmtet
+    fine_dmtet = 64 if args.quick else (args.fine_dmtet or _quality_dmtet())
     log(f"fine stage (512x512, DMTet {fine_dmtet})")
     report["fine"] = stage_parts("fine", "quality", [f"fine.dmtet_resolution={fine_dmtet}"], max(1, args.repeats - 1))
     report["control_image"] = control_part(args.repeats)
