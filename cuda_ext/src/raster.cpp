@@ -72,19 +72,7 @@ void rasterize_cpu(const float* pos, const int32_t* faces, int64_t batch, int64_
   std::unique_ptr<RasterTri[]> tris(new RasterTri[static_cast<size_t>(batch * num_faces)]);  // uninitialised
   at::parallel_for(0, batch * num_faces, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / num_faces, f = i % num_faces;
-      const int32_t* tri = faces + 3 * f;
-      RasterTri& t = tris[i];
-      bool ok = true;
-      for (int k = 0; k < 3; ++k) ok = ok && tri[k] >= 0 && tri[k] < num_vertices;
-      if (!ok) {
-        t.drawn = 0;
-        t.x0 = t.y0 = 1;
-        t.x1 = t.y1 = 0;
-        continue;
-      }
-      const float* base = pos + b * num_vertices * 4;
-      raster_setup(base + 4 * tri[0], base + 4 * tri[1], base + 4 * tri[2], height, width, t);
+      raster_setup_face(pos, faces, i, num_vertices, num_faces, height, width, tris[i]);
     }
   });
 
@@ -170,19 +158,7 @@ void rasterize_tiled_cpu(const float* pos, const int32_t* faces, int64_t batch, 
                          int64_t num_faces, int height, int width, float* out) {
   std::unique_ptr<RasterTri[]> tris(new RasterTri[static_cast<size_t>(std::max<int64_t>(1, batch * num_faces))]);
   for (int64_t i = 0; i < batch * num_faces; ++i) {  // raster_setup_kernel
-    const int64_t b = i / num_faces, f = i % num_faces;
-    const int32_t* tri = faces + 3 * f;
-    RasterTri& t = tris[i];
-    bool ok = true;
-    for (int k = 0; k < 3; ++k) ok = ok && tri[k] >= 0 && tri[k] < num_vertices;
-    if (!ok) {
-      t.drawn = 0;
-      t.x0 = t.y0 = 1;
-      t.x1 = t.y1 = 0;
-    } else {
-      const float* base = pos + b * num_vertices * 4;
-      raster_setup(base + 4 * tri[0], base + 4 * tri[1], base + 4 * tri[2], height, width, t);
-    }
+    raster_setup_face(pos, faces, i, num_vertices, num_faces, height, width, tris[i]);
   }
   const int tiles_x = (width + kRasterTile - 1) / kRasterTile;
   const int tiles_y = (height + kRasterTile - 1) / kRasterTile;

@@ -39,19 +39,8 @@ __global__ void raster_setup_kernel(const float* __restrict__ pos, const int32_t
                                     RasterTri* __restrict__ tris) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= batch * num_faces) return;
-  const int64_t b = i / num_faces, f = i % num_faces;
-  const int32_t* tri = faces + 3 * f;
   RasterTri t;
-  bool ok = true;
-  for (int k = 0; k < 3; ++k) ok = ok && tri[k] >= 0 && tri[k] < num_vertices;
-  if (!ok) {
-    t.drawn = 0;
-    t.x0 = t.y0 = 1;
-    t.x1 = t.y1 = 0;
-  } else {
-    const float* base = pos + b * num_vertices * 4;
-    raster_setup(base + 4 * tri[0], base + 4 * tri[1], base + 4 * tri[2], height, width, t);
-  }
+  raster_setup_face(pos, faces, i, num_vertices, num_faces, height, width, t);
   tris[i] = t;
 }
 

@@ -179,6 +179,24 @@ AVATAR_HD void raster_setup(const float* p0, const float* p1, const float* p2, i
   }
 }
 
+// Setup of triangle i of a batch (i = b * num_faces + f): a face with an index outside
+// [0, num_vertices) is not drawn (an empty box), so bad faces never read out of bounds.
+AVATAR_HD void raster_setup_face(const float* pos, const int32_t* faces, int64_t i, int64_t num_vertices,
+                                 int64_t num_faces, int height, int width, RasterTri& t) {
+  const int64_t b = i / num_faces, f = i % num_faces;
+  const int32_t* tri = faces + 3 * f;
+  bool ok = true;
+  for (int k = 0; k < 3; ++k) ok = ok && tri[k] >= 0 && tri[k] < num_vertices;
+  if (!ok) {
+    t.drawn = 0;
+    t.x0 = t.y0 = 1;
+    t.x1 = t.y1 = 0;
+    return;
+  }
+  const float* base = pos + b * num_vertices * 4;
+  raster_setup(base + 4 * tri[0], base + 4 * tri[1], base + 4 * tri[2], height, width, t);
+}
+
 // The NDC depth z/w at fx on a row whose dz[1] * fy + dz[2] is rowz, as float32;
 // -0 becomes +0 so that equal depths compare equal everywhere.
 AVATAR_HD float raster_depth(const RasterTri& t, double fx, double rowz) {
