@@ -237,8 +237,8 @@ def test_make_guidance_uses_the_back_view_token(tiny_dir, tmp_path):
     path = tmp_path / "back.safetensors"
     save_file({"<back-view>": torch.randn(32)}, str(path))
     g = make_guidance(GuidanceConfig(model="tiny", half_precision=False, back_view_embedding=str(path)), PROMPT)
-    assert g.predictor.prompts.texts["back"] == f"{PROMPT}, <back-view>"
-    assert g.predictor.prompts.texts["front"] == f"{PROMPT}, front view"
+    assert g.predictor.prompts.texts["back"] == f"{PROMPT}, back view of head, <back-view>, without eyes, without faces"
+    assert g.predictor.prompts.texts["front"] == f"{PROMPT}, front view of head"
     assert g.records["back_view_embedding"]["token"] == "<back-view>"
 
 
@@ -252,7 +252,8 @@ def test_tiny_guidance_records_notes_and_view_prompts(tiny_guidance):
     assert set(g.records) == {"model", "controlnet"}
     assert all(r["revision"] for r in g.records.values())
     assert g.encoder.resolution == TINY_IMAGE_SIZE
-    words = {"front": "front view", "side": "side view", "back": "back view of head", "overhead": "overhead view"}
+    words = {"front": "front view of head", "side": "side view of head", "back": "back view of head",
+             "overhead": "overhead view of head"}
     assert g.predictor.prompts.texts == {v: f"{PROMPT}, {w}" for v, w in words.items()}
 
 

@@ -111,12 +111,14 @@ def test_timestep_schedule_bounds_and_annealing():
 
 
 def test_view_prompts_and_labels():
-    assert view_prompt("an old man", "front") == "an old man, front view"
-    assert view_prompt("an old man", "side") == "an old man, side view"
+    # HeadSculpt's wording (nerf/utils.py, docs/METHOD.md).
+    assert view_prompt("an old man", "front") == "an old man, front view of head"
+    assert view_prompt("an old man", "side") == "an old man, side view of head"
     assert view_prompt("an old man", "back") == "an old man, back view of head"
-    assert view_prompt("an old man", "back", "<back-view>") == "an old man, <back-view>"
-    assert view_prompt("an old man", "front", "<back-view>") == "an old man, front view"
-    assert view_prompt("an old man", "overhead") == "an old man, overhead view"
+    assert view_prompt("an old man", "back", "<back-view>") == (
+        "an old man, back view of head, <back-view>, without eyes, without faces")
+    assert view_prompt("an old man", "front", "<back-view>") == "an old man, front view of head"
+    assert view_prompt("an old man", "overhead") == "an old man, overhead view of head"
 
     class Cams:
         views = ["front", "back"]

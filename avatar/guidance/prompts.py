@@ -22,8 +22,13 @@ VIEWS = ("front", "side", "back", "overhead")
 """Camera view labels, as the renderer assigns them (``avatar.render.cameras.VIEWS``): azimuth
 sectors, and ``overhead`` for cameras looking down from near the top."""
 
-VIEW_SUFFIX = {"front": "front view", "side": "side view", "back": "back view of head", "overhead": "overhead view"}
-"""Words appended to the prompt per view (DreamFusion's view-dependent prompting, HeadSculpt's wording)."""
+VIEW_SUFFIX = {"front": "front view of head", "side": "side view of head", "back": "back view of head",
+               "overhead": "overhead view of head"}
+"""Words appended to the prompt per view: HeadSculpt's ``f"{text}, {d} view of head"``
+(its nerf/utils.py, see docs/METHOD.md), DreamFusion's view-dependent prompting."""
+
+BACK_TOKEN_SUFFIX = "without eyes, without faces"
+"""What HeadSculpt adds after its learned back-view token, so back views grow no face."""
 
 LANDMARK_VIEWS = ("front", "side", "overhead")
 """Views that get the landmark ControlNet: all but ``back`` (HeadSculpt skips it there)."""
@@ -36,11 +41,14 @@ def view_prompt(prompt: str, view: str, back_token: str | None = None) -> str:
     """``"an old man"``, ``"back"`` -> ``"an old man, back view of head"``.
 
     With a learned back-view token (HeadSculpt's view-dependent textual inversion) the
-    back view uses the token instead of the words: ``"an old man, <back-view>"``.
+    back view adds the token and HeadSculpt's negation of a face:
+    ``"an old man, back view of head, <back-view>, without eyes, without faces"``.
     """
     if view not in VIEW_SUFFIX:
         raise GuidanceError(f"unknown view label '{view}': expected one of {', '.join(VIEWS)}")
-    words = back_token if (view == "back" and back_token) else VIEW_SUFFIX[view]
+    words = VIEW_SUFFIX[view]
+    if view == "back" and back_token:
+        words = f"{words}, {back_token}, {BACK_TOKEN_SUFFIX}"
     return f"{prompt}, {words}" if prompt else words
 
 
