@@ -68,7 +68,9 @@ class GuidanceConfig:
     negative_prompt: str = "blurry, low quality, deformed, cropped, multiple faces"
     """Negative prompt used for classifier-free guidance."""
     guidance_scale: float = 100.0
-    """Classifier-free guidance weight for score distillation (DreamFusion/HeadSculpt use 100)."""
+    """Classifier-free guidance weight for score distillation, in the standard CFG form
+    ``eps_u + s (eps_c - eps_u)``. HeadSculpt's generation SDS writes ``eps_c + s (eps_c - eps_u)``,
+    so s_ours = s_HS + 1: its 100 is 101 here (100 here is 99 there, a 1% difference)."""
     controlnet_scale: float = 1.0
     """Strength of the landmark ControlNet residuals."""
     half_precision: bool = True
@@ -105,6 +107,10 @@ class CameraConfig:
     """Width in degrees of the azimuth sector labelled ``front``."""
     back_sector: float = 70.0
     """Width in degrees of the azimuth sector labelled ``back``."""
+    overhead_polar: float = 0.0
+    """Cameras with a polar angle below this (degrees) are labelled ``overhead`` (prompt "overhead
+    view of head"); 0 disables the label, as HeadSculpt does (its polar overrides are commented
+    out), so every camera gets its azimuth sector's label and prompt."""
     sector_probs: tuple[float, float, float] = (0.4, 0.35, 0.25)
     """Probabilities of sampling the front, side and back sectors."""
     look_at_jitter: float = 0.05
@@ -238,10 +244,16 @@ class EditGuidanceConfig:
     """ControlNet conditioned on the original avatar's renderings (identity term)."""
     identity_controlnet_scale: float = 1.0
     """Strength of the InstructPix2Pix ControlNet residuals."""
-    guidance_scale: float = 7.5
-    """Text guidance weight of the edit term."""
-    image_guidance_scale: float = 1.5
-    """Image guidance weight of InstructPix2Pix."""
+    guidance_scale: float = 100.0
+    """Text guidance weight, in the standard CFG form ``eps_u + s (eps_c - eps_u)``. In ``iesd`` mode
+    it is the CFG of both the identity (source prompt) and the edit (instruction) predictions; in
+    ``ip2p`` mode the text scale s_T of InstructPix2Pix. HeadSculpt uses 100 for both (its main.py
+    ``--guidance_scale``), and its edit branch already writes the standard form, so 100 here equals
+    its 100 (unlike the generation branch, where s_ours = s_HS + 1)."""
+    image_guidance_scale: float = 20.0
+    """Image guidance weight s_I of InstructPix2Pix (``ip2p`` mode only):
+    ``eps_u + s_T (eps_T - eps_I) + s_I (eps_I - eps_u)``. HeadSculpt uses 20 (its
+    ``--image_guidance_scale``); diffusers' 1.5 is a sampling default, not a distillation one."""
     half_precision: bool = True
     """Run the diffusion model in fp16 on CUDA (ignored on CPU)."""
 

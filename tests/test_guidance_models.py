@@ -316,6 +316,8 @@ def test_tiny_iesd_is_linear_in_the_edit_weight_and_routes_controls(tiny_dir):
     g = make_edit_guidance(EditGuidanceConfig(model="tiny", half_precision=False), PROMPT,
                            "give him a red woollen hat", strength=1.0, base=base)
     assert set(g.records) == {"model", "controlnet", "identity_controlnet"}
+    # HeadSculpt's IESD CFG (E1): 100, already in the standard form there, so not 101.
+    assert g.predictor.guidance_scale == EditGuidanceConfig.guidance_scale == 100.0
     latents, noise, t = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.tensor([300, 600])
     lmk, src = torch.rand(2, 32, 32, 3), torch.rand(2, 32, 32, 3)
     views = ["front", "back"]
@@ -340,6 +342,14 @@ def test_editing_a_tiny_run_stays_tiny_offline(tiny_dir, empty_hub_cache, offlin
                            base=GuidanceConfig(model="tiny", half_precision=False))
     assert g.kind == "tiny" and {r["kind"] for r in g.records.values()} == {"tiny"}
     assert g.predictor.source_prompts.negative_text == GuidanceConfig.negative_prompt
+
+
+def test_instruct_pix2pix_mode_uses_headsculpt_scales(tiny_dir):
+    # E1, E3: HeadSculpt's pure InstructPix2Pix distillation uses text 100 and image 20
+    # (not diffusers' sampling defaults 7.5 and 1.5).
+    g = make_edit_guidance(EditGuidanceConfig(model="tiny", mode="ip2p", half_precision=False), PROMPT,
+                           "make the hair bright blue")
+    assert (g.predictor.text_scale, g.predictor.image_scale) == (100.0, 20.0)
 
 
 def test_tiny_instruct_pix2pix_mode(tiny_dir):

@@ -137,6 +137,39 @@ def test_edit_resume_is_bit_identical(tiny_source, one_thread):
     assert la == lb and len(la) == 4
 
 
+def test_controlnet_source_is_albedo_and_the_oracle_target_is_shaded_alike(tiny_source, one_thread, monkeypatch):
+    # HeadSculpt renders its frozen source for the InstructPix2Pix ControlNet as albedo with
+    # ambient 1 (docs/METHOD.md E2), never with the step's random shading; the oracle's identity
+    # target is the source shaded like the live rendering (what a real denoiser would predict).
+    from avatar.guidance.sds import ScoreDistillation
+    from avatar.pipeline.edit import EditRun
+
+    source, hat = tiny_source
+    seen = []
+    original_sds, original_objective = ScoreDistillation.score_distillation, EditRun.objective
+
+    def sds(self, images, cameras, *args, **kwargs):
+        seen.append(kwargs["source_images"])
+        return original_sds(self, images, cameras, *args, **kwargs)
+
+    def objective(self, out, cameras, step):
+        result = original_objective(self, out, cameras, step)
+        albedo = self.render_source(cameras).rgb
+        torch.testing.assert_close(seen[-1], albedo, atol=0, rtol=0)
+        shaded = self.render_source(cameras, self.shading, self.light).rgb
+        torch.testing.assert_close(self.guidance.predictor.render_source(cameras), shaded, atol=0, rtol=0)
+        checks.append((self.shading, bool((albedo - shaded).abs().max() > 0.05)))
+        return result
+
+    checks = []
+    monkeypatch.setattr(ScoreDistillation, "score_distillation", sds)
+    monkeypatch.setattr(EditRun, "objective", objective)
+    run_edit(edit_config(f"guidance.model=oracle:{hat}", "fine.steps=3", "fine.shading_probs=[0, 1, 0]"), source,
+             progress=False)
+    # Every step was lit, and there the shaded source differs from the albedo one the ControlNet saw.
+    assert checks == [("lambertian", True)] * 3
+
+
 def test_bad_inputs_fail_before_any_folder(tiny_source, tmp_path, one_thread):
     source, hat = tiny_source
     edits_before = sorted(p.name for p in (source / "edits").iterdir()) if (source / "edits").is_dir() else []

@@ -24,8 +24,19 @@ def test_sector_fractions_and_ranges():
     assert cams.radius.min() >= cfg.radius_range[0] and cams.radius.max() <= cfg.radius_range[1]
     fov = torch.rad2deg(cams.fov_y)
     assert fov.min() >= cfg.fov_range[0] - 1e-4 and fov.max() <= cfg.fov_range[1] + 1e-4
-    # Labels follow the sectors (overhead where the camera looks down steeply).
-    assert set(cams.views) == {"front", "side", "back", "overhead"}
+    # Labels follow the azimuth sectors alone (HeadSculpt has no overhead label): cameras near
+    # the top keep their sector's label.
+    assert set(cams.views) == {"front", "side", "back"}
+    az = torch.remainder(cams.azimuth + 180, 360) - 180
+    top = cams.polar < 30.0
+    assert top.sum() > 500
+    for i in torch.nonzero(top).flatten()[:200].tolist():
+        want = "front" if abs(az[i]) <= cfg.front_sector / 2 else "back" if abs(az[i]) >= 180 - cfg.back_sector / 2 \
+            else "side"
+        assert cams.views[i] == want
+    # The label can still be switched on through the config.
+    steep = sample_cameras(2000, CameraConfig(overhead_polar=30.0), 64, generator=torch.Generator().manual_seed(0))
+    assert [v == "overhead" for v in steep.views] == (steep.polar < 30.0).tolist()
     # Same generator seed -> same cameras.
     again = sample_cameras(10_000, cfg, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.c2w, cams.c2w)
@@ -34,7 +45,8 @@ def test_sector_fractions_and_ranges():
 def test_labels():
     az = torch.tensor([0.0, 30.0, 90.0, -90.0, 180.0, -150.0, 0.0])
     polar = torch.tensor([90.0, 90.0, 90.0, 90.0, 90.0, 90.0, 10.0])
-    assert view_label(az, polar) == ["front", "front", "side", "side", "back", "back", "overhead"]
+    assert view_label(az, polar) == ["front", "front", "side", "side", "back", "back", "front"]
+    assert view_label(az, polar, overhead_polar=30.0)[-1] == "overhead"
 
 
 def test_front_view_orientation():

@@ -65,8 +65,10 @@ class OraclePredictor:
 class OracleEditPredictor:
     """IESD oracle pair: eps_src toward the source target, eps_edit toward the edit target.
 
-    render_source: None uses ``batch.source_images`` (the frozen source avatar's renders,
-    which the edit pipeline passes anyway).
+    render_source: the identity target, the frozen source rendered like the live rendering
+    (the edit pipeline passes the source with the step's shading and light, since its
+    ``source_images`` are the albedo images the InstructPix2Pix ControlNet sees). None uses
+    ``batch.source_images`` as the target.
     """
 
     def __init__(self, render_edit: RenderFn, alphas_cumprod: torch.Tensor, *, render_source: RenderFn | None = None,

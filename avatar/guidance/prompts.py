@@ -20,7 +20,8 @@ from avatar.guidance.errors import GuidanceError
 
 VIEWS = ("front", "side", "back", "overhead")
 """Camera view labels, as the renderer assigns them (``avatar.render.cameras.VIEWS``): azimuth
-sectors, and ``overhead`` for cameras looking down from near the top."""
+sectors, and ``overhead`` for cameras looking down from near the top only where
+``CameraConfig.overhead_polar`` switches it on (off by default, as in HeadSculpt)."""
 
 VIEW_SUFFIX = {"front": "front view of head", "side": "side view of head", "back": "back view of head",
                "overhead": "overhead view of head"}

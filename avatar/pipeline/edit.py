@@ -4,16 +4,21 @@ HeadSculpt's editing (docs/DESIGN.md, "The method" step 4): only the fine stage 
 tuned. The source avatar (a generate, import or earlier edit folder) is read with
 :func:`~avatar.pipeline.artifact.load_avatar`; its DMTet geometry and texture field
 start the live fine stage, and a frozen copy of it is the identity reference. Every
-step renders that reference from the step's cameras with the step's shading and
-light; the guidance (:func:`~avatar.guidance.make_edit_guidance`) mixes
+step renders that reference from the step's cameras as albedo with ambient 1 (no light,
+white background), as HeadSculpt renders its frozen copy for the InstructPix2Pix
+ControlNet (its ``run_dmtet`` with albedo shading, ambient 1.0), never with the step's
+random shading; the guidance (:func:`~avatar.guidance.make_edit_guidance`) mixes
 
     eps_hat = eps_src + w_edit (eps_edit - eps_src)
 
 where the identity term eps_src sees the source prompt, the prior's landmark image
 and the reference rendering (InstructPix2Pix ControlNet), and the edit term the
 instruction; ``strength`` is w_edit. With the ``oracle:MESH`` guidance the two terms
-pull toward the reference rendering and toward MESH (the IESD oracle pair the tests
-use).
+pull toward the reference and toward MESH, each rendered with the step's shading and
+light like the live rendering (the IESD oracle pair the tests use): a real denoiser
+conditioned on the albedo reference still predicts the identity as the noisy, shaded
+rendering shows it, so the oracle's identity target is the reference shaded alike, not
+the albedo ControlNet image.
 
 The loop is generate's (:class:`~avatar.pipeline.generate.GenerateRun`): a run with
 no coarse stage whose fine stage starts from the source, so checkpoints, bit-identical
@@ -202,7 +207,9 @@ class EditRun(GenerateRun):
         f = cfg.fine
         return make_edit_guidance(cfg.guidance, cfg.source_prompt, cfg.instruction, self.device,
                                   strength=cfg.strength, seed=cfg.seed, base=self.cfg.guidance,
-                                  render_edit=self.target, t_range=tuple(f.t_range), total_steps=max(f.steps, 1),
+                                  render_edit=self.target,
+                                  render_source=self.source_like_step if mesh is not None else None,
+                                  t_range=tuple(f.t_range), total_steps=max(f.steps, 1),
                                   anneal=f.t_anneal, anneal_to=f.t_anneal_to)
 
     def _fine_grid(self) -> Any:
@@ -239,14 +246,26 @@ class EditRun(GenerateRun):
                                            albedo=self.source_texture, shading=shading, light=light,
                                            background="white")
 
+    def source_like_step(self, cameras: Any) -> torch.Tensor:
+        """The frozen source rendered with this step's shading and light, like the live rendering:
+        (B, H, W, 3) in [0, 1]. The IESD oracle's identity target and the ``source_mse`` metric."""
+        cached = getattr(self, "_source_like_step", None)
+        if cached is not None and cached[0] is cameras:
+            return cached[1]
+        return self.render_source(cameras, self.shading, self.light).rgb
+
     def objective(self, out: Any, cameras: Any, local_step: int
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """IESD: the identity term sees the source rendered like this step's rendering."""
-        source = self.render_source(cameras, self.shading, self.light).rgb
+        """IESD: the InstructPix2Pix ControlNet sees the source as albedo with ambient 1 (HeadSculpt,
+        docs/METHOD.md E2), whatever this step's shading; the live rendering is compared with the
+        source shaded alike."""
+        source = self.render_source(cameras).rgb  # albedo: ambient 1, no light
+        alike = source if self.shading == "albedo" else self.render_source(cameras, self.shading, self.light).rgb
+        self._source_like_step = (cameras, alike)
         control = self._control(cameras)
         sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step,
                                                source_images=source)
-        drift = (out.rgb.detach() - source).pow(2).mean()
+        drift = (out.rgb.detach() - alike).pow(2).mean()
         loss = sds.loss
         terms = {"iesd": sds.loss.detach(), "source_mse": drift}
         # The anchor belongs to the identity side of IESD, whose share is 1 - strength.

@@ -27,8 +27,11 @@ import torch
 from avatar.seeding import draw
 
 VIEWS = ("front", "side", "back", "overhead")
-OVERHEAD_POLAR = 30.0
-"""Cameras with a polar angle below this (degrees) are labelled ``overhead``."""
+OVERHEAD_POLAR = 0.0
+"""Default polar angle (degrees) below which cameras are labelled ``overhead``: 0 disables the
+label, as in HeadSculpt (its provider.py polar overrides are commented out, so views are labelled
+from azimuth alone and a camera near the top gets its sector's label, and the landmark ControlNet
+unless the sector is ``back``). The label stays available through ``CameraConfig.overhead_polar``."""
 
 
 def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,12 +66,13 @@ def spherical_to_position(azimuth: torch.Tensor, polar: torch.Tensor, radius: to
 
 
 def view_label(azimuth: torch.Tensor, polar: torch.Tensor, front_sector: float = 70.0,
-               back_sector: float = 70.0) -> list[str]:
-    """``front`` / ``side`` / ``back`` / ``overhead`` per camera (for view-dependent prompts)."""
+               back_sector: float = 70.0, overhead_polar: float = OVERHEAD_POLAR) -> list[str]:
+    """``front`` / ``side`` / ``back`` per camera from its azimuth (for view-dependent prompts);
+    ``overhead`` where the polar angle is below ``overhead_polar`` degrees (0, the default, never)."""
     az = torch.remainder(azimuth + 180.0, 360.0) - 180.0  # (-180, 180]
     labels = []
     for a, p in zip(az.tolist(), polar.tolist()):
-        if p < OVERHEAD_POLAR:
+        if p < overhead_polar:
             labels.append("overhead")
         elif abs(a) <= front_sector / 2:
             labels.append("front")
@@ -204,7 +208,8 @@ class Cameras:
 
 def make_cameras(azimuth: torch.Tensor, polar: torch.Tensor, radius: torch.Tensor, fov_y_deg: torch.Tensor,
                  resolution: int | tuple[int, int], target: torch.Tensor | None = None,
-                 front_sector: float = 70.0, back_sector: float = 70.0) -> Cameras:
+                 front_sector: float = 70.0, back_sector: float = 70.0,
+                 overhead_polar: float = OVERHEAD_POLAR) -> Cameras:
     """Cameras on a sphere around the head looking at ``target`` (default the origin).
 
     azimuth, polar: (B,) degrees; radius: (B,) field units; fov_y_deg: (B,) degrees;
@@ -215,7 +220,7 @@ def make_cameras(azimuth: torch.Tensor, polar: torch.Tensor, radius: torch.Tenso
     if target is None:
         target = torch.zeros_like(eye)
     return Cameras(look_at(eye, target), torch.deg2rad(fov_y_deg), h, w, azimuth, polar, radius,
-                   view_label(azimuth, polar, front_sector, back_sector))
+                   view_label(azimuth, polar, front_sector, back_sector, overhead_polar))
 
 
 def sample_cameras(n: int, cfg, resolution: int | tuple[int, int], generator: torch.Generator | None = None,
@@ -247,7 +252,7 @@ def sample_cameras(n: int, cfg, resolution: int | tuple[int, int], generator: to
     fov = uniform(*cfg.fov_range)
     target = draw(torch.randn, n, 3, generator=generator, dtype=torch.float64) * cfg.look_at_jitter
     cams = make_cameras(azimuth.float(), polar.float(), radius.float(), fov.float(), resolution, target.float(),
-                        cfg.front_sector, cfg.back_sector)
+                        cfg.front_sector, cfg.back_sector, cfg.overhead_polar)
     return cams.to(device)
 
 
