@@ -162,6 +162,9 @@ class CoarseStageConfig(StageConfig):
     """Weight of the opacity sparsity regulariser."""
     lambda_orientation: float = 1e-2
     """Weight of the normal-orientation regulariser (DreamFusion)."""
+    normal_eps: float = 8e-3
+    """Finite-difference step (field units) of the NeRF's density-gradient normals: HeadSculpt's
+    1e-2 of its units (3.1 mm) rescaled to our 2.5 units per metre."""
 
 
 @dataclass

@@ -322,3 +322,61 @@ def test_read_back_keeps_names_and_order():
     got = read_back({"a": torch.tensor(1.5), "b": 2, "c": torch.tensor([[0.25]]), "d": torch.tensor(float("nan"))})
     assert list(got) == ["a", "b", "c", "d"] and got["a"] == 1.5 and got["b"] == 2.0 and got["c"] == 0.25
     assert all(isinstance(v, float) for v in got.values()) and got["d"] != got["d"]
+
+
+def _handed_over(tmp_path, overrides=()):
+    """A tiny run stopped at the end of its coarse stage, then handed over to the fine stage:
+    (the coarse field, the run with its fine stage built)."""
+    from avatar.pipeline.generate import GenerateRun
+
+    cfg = make_config(GenerateConfig, "smoke", [
+        "prompt=hand-over", *TINY_SIZES, "engines.hashgrid=torch", "coarse.steps=2", "fine.steps=2",
+        "checkpoint_every=100", "preview_every=100", *overrides])
+    run = GenerateRun(cfg, Workspace.create(tmp_path, "hand-over"), guidance=oracle_sphere_guidance(cfg),
+                      progress=False)
+    run.run(stop_after=2)
+    coarse = run.coarse.field
+    run._ensure_stage()
+    assert run.fine is not None and run.coarse is None
+    return coarse, run
+
+
+def test_fine_texture_starts_as_the_coarse_albedo(tmp_path, one_thread):
+    """HeadSculpt keeps training the coarse weights as the texture (main.py:192-200): right
+    after the hand-over the mesh's colours are the coarse field's albedo at its surface."""
+    coarse, run = _handed_over(tmp_path)
+    verts, _ = run.fine.mesh()
+    with torch.no_grad():
+        expected = coarse(verts)[1]
+        got = run.fine.texture(verts)
+    assert verts.shape[0] > 100
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # The optimiser trains the copied tensors, not stale ones.
+    trained = {id(p) for group in run.fine.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in run.fine.texture.parameters())
+
+
+def test_fine_texture_of_another_size_starts_afresh_with_a_warning(tmp_path, one_thread):
+    with pytest.warns(UserWarning, match="starts from random weights"):
+        coarse, run = _handed_over(tmp_path, ["fine.n_levels=4"])
+    verts, _ = run.fine.mesh()
+    with torch.no_grad():
+        assert not torch.allclose(run.fine.texture(verts), coarse(verts)[1], atol=1e-3)
+
+
+def test_normal_eps_reaches_the_coarse_field(tmp_path):
+    """coarse.normal_eps (HeadSculpt's 1e-2 units rescaled: 8e-3 field units) is the step of
+    the field's finite-difference normals."""
+    from avatar.fields.frame import FieldFrame
+    from avatar.pipeline.generate import CoarseStage
+
+    assert GenerateConfig().coarse.normal_eps == 8e-3
+    cfg = make_config(GenerateConfig, "smoke", [*TINY_SIZES, "engines.hashgrid=torch", "coarse.normal_eps=0.005"])
+    stage = CoarseStage(cfg, FieldFrame(scale=2.5), None, torch.device("cpu"))
+    assert stage.field.normal_eps == 0.005
+    pts = torch.rand(16, 3) - 0.5
+    torch.testing.assert_close(stage.field.normals(pts), stage.field.normals(pts, eps=0.005), rtol=0, atol=0)
+    assert not torch.allclose(stage.field.normals(pts), stage.field.normals(pts, eps=1e-3))
+    with pytest.raises(GenerateError, match="coarse.normal_eps"):
+        run_generate(make_config(GenerateConfig, "smoke", ["prompt=x", *TINY_SIZES, "coarse.normal_eps=0"]),
+                     Workspace.create(tmp_path, "bad"), progress=False)

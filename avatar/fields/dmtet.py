@@ -135,6 +135,29 @@ class TextureField(nn.Module):
         feat = self.encoding(self.frame.to_unit(points).clamp(0, 1))
         return torch.sigmoid(self.net(feat))
 
+    @torch.no_grad()
+    def copy_albedo_from(self, nerf: nn.Module) -> bool:
+        """Start from a coarse :class:`~avatar.fields.nerf.NeRFField`'s albedo: copy its hash
+        grid and albedo MLP in place (HeadSculpt loads the coarse weights into the DMTet
+        model, main.py:192-200, so the mesh starts with the coarse colours). The parameters
+        keep their identity, so an optimiser built on them stays valid.
+
+        Returns False, changing nothing, when the two grids or MLPs differ in size
+        (different ``coarse.*`` and ``fine.*`` hash-grid settings).
+        """
+        def grid_key(enc: nn.Module) -> tuple:
+            return (enc.n_levels, enc.n_features_per_level, enc.log2_hashmap_size, enc.base_resolution,
+                    enc.per_level_scale, tuple(enc.params.shape))
+
+        pairs = [(self.encoding.params, nerf.encoding.params)]
+        pairs += list(zip(self.net.parameters(), nerf.albedo_net.parameters()))
+        if (grid_key(self.encoding) != grid_key(nerf.encoding) or len(list(self.net.parameters()))
+                != len(list(nerf.albedo_net.parameters())) or any(a.shape != b.shape for a, b in pairs)):
+            return False
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+        return True
+
 
 def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Mean squared uniform-Laplacian of the mesh (each vertex vs the mean of its

@@ -13,7 +13,9 @@ HeadSculpt's method (docs/DESIGN.md, "The method"):
    the prior's bounding box plus ``fine.grid_margin`` and ``fine.grid_headroom``, built on
    the run's device and never saved); marching tetrahedra gives a mesh every
    step, rasterised at ``fine.resolution`` and textured by a
-   :class:`~avatar.fields.dmtet.TextureField`; SDS continues with the fine stage's
+   :class:`~avatar.fields.dmtet.TextureField` that starts as a copy of the coarse field's
+   hash grid and albedo MLP (HeadSculpt keeps training the coarse weights as the
+   texture); SDS continues with the fine stage's
    timestep range, plus Laplacian and normal-consistency regularisers.
 
 One global step counter runs over both stages (coarse ``[0, Nc)``, fine
@@ -37,6 +39,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +173,8 @@ def validate_config(cfg: Any) -> None:
         problems.append(f"coarse.samples_per_ray must be >= 4, got {cfg.coarse.samples_per_ray}")
     if cfg.coarse.occupancy_update_every < 1:
         problems.append("coarse.occupancy_update_every must be >= 1")
+    if not cfg.coarse.normal_eps > 0:
+        problems.append(f"coarse.normal_eps must be > 0 field units, got {cfg.coarse.normal_eps}")
     if cfg.fine.dmtet_resolution < 4:
         problems.append(f"fine.dmtet_resolution must be >= 4, got {cfg.fine.dmtet_resolution}")
     for name in ("grid_margin", "grid_headroom"):
@@ -260,7 +265,7 @@ class CoarseStage:
         c = cfg.coarse
         self.cfg = c
         self.field = NeRFField(frame, prior_sdf=prior.sdf if prior is not None else None, sdf_width=c.prior_sdf_width,
-                               prior_grid=PRIOR_GRID, engine=cfg.engines.hashgrid,
+                               prior_grid=PRIOR_GRID, engine=cfg.engines.hashgrid, normal_eps=c.normal_eps,
                                **field_options(c, device)).to(device)
         grid_res = int(getattr(c, "occupancy_resolution", max(16, min(128, c.samples_per_ray))))
         self.occupancy = OccupancyGrid(resolution=grid_res, update_every=c.occupancy_update_every).to(device)
@@ -483,6 +488,12 @@ class GenerateRun:
 
     def _build_fine(self) -> None:
         self.fine = FineStage(self.cfg, self.frame, self.device, self._fine_sdf_init(), self._fine_grid())
+        if self.coarse is not None and not self.fine.texture.copy_albedo_from(self.coarse.field):
+            # HeadSculpt's fine stage keeps training the coarse model's grid and albedo
+            # (main.py:192-200); with differently sized grids the texture starts afresh.
+            warnings.warn("the fine texture field starts from random weights, not the coarse albedo: the coarse.* "
+                          "and fine.* hash-grid sizes (n_levels, log2_hashmap_size, max_resolution, hidden) "
+                          "differ; set them equal to carry the coarse texture over", stacklevel=2)
         self.coarse = None  # the coarse field is no longer needed
 
     def _ensure_stage(self) -> Any:
