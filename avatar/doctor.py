@@ -135,7 +135,13 @@ def _priors() -> dict[str, Any]:
         priors["flame"] = _entry(False, f"AVATAR_FLAME_DIR={flame_dir} is not a folder")
     else:
         found = [f for f in FLAME_MODEL_FILES if (Path(flame_dir) / f).is_file()]
-        priors["flame"] = _entry(bool(found), f"{flame_dir}: " + (f"found {found[0]}" if found else
+        from avatar.prior.flame import MEDIAPIPE_EMBEDDING
+
+        landmarks = (f"landmarks: MediaPipe embedding ({MEDIAPIPE_EMBEDDING})"
+                     if (Path(flame_dir) / MEDIAPIPE_EMBEDDING).is_file() else
+                     f"landmarks: iBUG 68 only (control images with single-line brows, no pupils); add "
+                     f"{MEDIAPIPE_EMBEDDING} from the FLAME site")
+        priors["flame"] = _entry(bool(found), f"{flame_dir}: " + (f"found {found[0]}; {landmarks}" if found else
                                  f"none of {', '.join(FLAME_MODEL_FILES)} found"))
     return priors
 

@@ -196,6 +196,9 @@ def test_flame_landmarks_follow_the_embeddings(flame_dir):
     assert model.landmark_contours["face_oval"] == list(range(51, 68))
     assert model.landmark_contours["right_eye"] == list(range(36 - 17, 42 - 17))
     assert model.landmark_contours["left_iris"] == []
+    # The jaw line is an open curve: drawn closed it would cut across the face.
+    assert "face_oval" not in model.closed_contours and "lips_outer" in model.closed_contours
+    assert model.info["landmarks"].startswith("iBUG 68 only")
 
 
 def test_flame_is_recentred_and_capped(flame_dir):
@@ -269,3 +272,13 @@ def test_bad_landmark_embedding_names_the_file(tmp_path, monkeypatch):
     (folder / "flame_static_embedding.pkl").write_bytes(pickle.dumps(bad, protocol=2))
     with pytest.raises(PriorError, match="flame_static_embedding.pkl.*do not fit"):
         load_flame(folder)
+
+
+def test_doctor_says_which_landmarks_flame_will_draw(tmp_path, monkeypatch):
+    from avatar import doctor
+
+    (tmp_path / "generic_model.pkl").write_bytes(b"")
+    monkeypatch.setenv("AVATAR_FLAME_DIR", str(tmp_path))
+    assert "iBUG 68 only" in doctor._priors()["flame"]["reason"]
+    (tmp_path / "mediapipe_landmark_embedding.npz").write_bytes(b"")
+    assert "MediaPipe embedding" in doctor._priors()["flame"]["reason"]

@@ -33,7 +33,7 @@ import torch
 
 from avatar.prior.errors import PriorError
 from avatar.prior.head_model import HeadModel
-from avatar.prior.landmarks import CONTOUR_NAMES, IBUG68_CONTOURS
+from avatar.prior.landmarks import CONTOUR_NAMES, IBUG68_CONTOURS, MEDIAPIPE_CONTOURS
 
 MODEL_FILES = ("FLAME_NEUTRAL.pkl", "generic_model.pkl", "flame2023.pkl")
 STATIC_EMBEDDING = "flame_static_embedding.pkl"
@@ -44,18 +44,6 @@ FLAME_JOINT_NAMES = ["global", "neck", "jaw", "left_eye", "right_eye"]
 JAW_CONTROLS = ["jaw_rot_x", "jaw_rot_y", "jaw_rot_z"]
 _REQUIRED_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
 
-# MediaPipe face-mesh contour vertex ids (from its face_mesh_connections), ordered like the
-# anny contours: eyes from the inner corner along the upper lid, lips from the left corner.
-MEDIAPIPE_CONTOURS: dict[str, list[int]] = {
-    "face_oval": [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-                  152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109],
-    "left_eye": [362, 398, 384, 385, 386, 387, 388, 466, 263, 249, 390, 373, 374, 380, 381, 382],
-    "right_eye": [133, 173, 157, 158, 159, 160, 161, 246, 33, 7, 163, 144, 145, 153, 154, 155],
-    "left_brow": [336, 296, 334, 293, 300],
-    "right_brow": [107, 66, 105, 63, 70],
-    "lips_outer": [291, 409, 270, 269, 267, 0, 37, 39, 40, 185, 61, 146, 91, 181, 84, 17, 314, 405, 321, 375],
-    "lips_inner": [308, 415, 310, 311, 312, 13, 82, 81, 80, 191, 78, 95, 88, 178, 87, 14, 317, 402, 318, 324],
-}  # fmt: skip
 
 
 class _ChumpyStandIn:
@@ -275,7 +263,7 @@ def load_flame(folder: Path | str, recentre: bool = True, dtype: torch.dtype = t
         expression_pose = np.zeros((n_pose_ctrl, n_joint, 3))
         for axis in range(3):
             expression_pose[axis, joint_names.index("jaw"), axis] = 1.0
-    return HeadModel(
+    model = HeadModel(
         name="flame",
         template=t(v_template - centre),
         faces=torch.as_tensor(faces),
@@ -304,5 +292,13 @@ def load_flame(folder: Path | str, recentre: bool = True, dtype: torch.dtype = t
             "mediapipe_landmarks": mediapipe_count,
             "centre_offset": (-centre).tolist(),
             "note": "ARKit-named expressions come only with the anny head",
+            "landmarks": (f"MediaPipe embedding ({MEDIAPIPE_EMBEDDING}, {mediapipe_count} points) over iBUG 68"
+                          if mediapipe_count else
+                          f"iBUG 68 only: control images drawn from 68 landmarks (single-line brows, no pupils, "
+                          f"the jaw line as face oval); add {MEDIAPIPE_EMBEDDING} from the FLAME site"),
         },
     )
+    if contours["face_oval"] and contours["face_oval"][0] in ibug_index.values():
+        # iBUG's oval is the open 17-point jaw line: closing it would draw a line across the face.
+        model.closed_contours = model.closed_contours - {"face_oval"}
+    return model
