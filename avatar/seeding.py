@@ -47,17 +47,13 @@ def draw(fn: Any, *args: Any, generator: Any = None, device: Any = None, **kwarg
     """
     import torch
 
-    if generator is None:
-        if any(isinstance(a, torch.Tensor) for a in args):
-            out = fn(*args, **kwargs)
-        else:
-            out = fn(*args, device=device, **kwargs)
-        return out if device is None else out.to(device)
-    where = generator.device
+    where = generator.device if generator is not None else device
+    if generator is not None:
+        kwargs["generator"] = generator
     if any(isinstance(a, torch.Tensor) for a in args):
-        out = fn(*(a.to(where) if isinstance(a, torch.Tensor) else a for a in args), generator=generator, **kwargs)
+        out = fn(*(a.to(where) if isinstance(a, torch.Tensor) and where is not None else a for a in args), **kwargs)
     else:
-        out = fn(*args, generator=generator, device=where, **kwargs)
+        out = fn(*args, device=where, **kwargs)
     return out if device is None else out.to(device, non_blocking=True)
 
 

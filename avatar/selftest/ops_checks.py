@@ -134,37 +134,34 @@ def _hash_reference(points, table, upstream, cfg, grad_points: bool, grad_table:
     return out, grad_p, t.grad
 
 
-def check_hashgrid(ctx: DeviceContext) -> Outcome:
-    """Forward values and point gradients (fp32)."""
+def _check_hashgrid_fp32(ctx: DeviceContext, n: int, seed: int, table_grad: bool) -> Outcome:
+    """Native against reference at fp32: values and point gradients, or the table gradient."""
     native_module(ctx.device)
-    n = ctx.sizes.hash_points
-    cfg, label, points, table, upstream = _hash_inputs(ctx, n, seed=1)
+    cfg, label, points, table, upstream = _hash_inputs(ctx, n, seed=seed)
+    want = (not table_grad, table_grad)  # (point gradients, table gradient)
     rec = NativeCalls()
     with rec:
-        out_n, gp_n, _ = _hash_native(points, table, upstream, cfg, True, False)
+        out_n, gp_n, gt_n = _hash_native(points, table, upstream, cfg, *want)
     ops = rec.require(["hashgrid_forward", "hashgrid_backward"], ctx.device)
-    out_r, gp_r, _ = _hash_reference(points, table, upstream, cfg, True, False, ctx.sizes.hash_chunk)
-    cmp = [compare("value", out_n, out_r, FP32_VALUES), compare("grad points", gp_n, gp_r, FP32_GRADS)]
-    del out_n, gp_n, out_r, gp_r
-    t_n = ctx.timed(lambda: _hash_native(points, table, upstream, cfg, True, False))
-    t_r = ctx.timed(lambda: _hash_reference(points, table, upstream, cfg, True, False, ctx.sizes.hash_chunk))
+    out_r, gp_r, gt_r = _hash_reference(points, table, upstream, cfg, *want, ctx.sizes.hash_chunk)
+    if table_grad:
+        cmp = [compare("grad table", gt_n, gt_r, FP32_GRADS)]
+    else:
+        cmp = [compare("value", out_n, out_r, FP32_VALUES), compare("grad points", gp_n, gp_r, FP32_GRADS)]
+    del out_n, gp_n, gt_n, out_r, gp_r, gt_r
+    t_n = ctx.timed(lambda: _hash_native(points, table, upstream, cfg, *want))
+    t_r = ctx.timed(lambda: _hash_reference(points, table, upstream, cfg, *want, ctx.sizes.hash_chunk))
     return Outcome(cmp, f"{pow2(n)} points, {label}", t_n, t_r, ops)
+
+
+def check_hashgrid(ctx: DeviceContext) -> Outcome:
+    """Forward values and point gradients (fp32)."""
+    return _check_hashgrid_fp32(ctx, ctx.sizes.hash_points, seed=1, table_grad=False)
 
 
 def check_hashgrid_table_grad(ctx: DeviceContext) -> Outcome:
     """Table gradients (fp32): many points share a row, so the kernel's accumulation is under test."""
-    native_module(ctx.device)
-    n = ctx.sizes.hash_table_points
-    cfg, label, points, table, upstream = _hash_inputs(ctx, n, seed=2)
-    rec = NativeCalls()
-    with rec:
-        _, _, gt_n = _hash_native(points, table, upstream, cfg, False, True)
-    ops = rec.require(["hashgrid_forward", "hashgrid_backward"], ctx.device)
-    _, _, gt_r = _hash_reference(points, table, upstream, cfg, False, True, ctx.sizes.hash_chunk)
-    cmp = [compare("grad table", gt_n, gt_r, FP32_GRADS)]
-    t_n = ctx.timed(lambda: _hash_native(points, table, upstream, cfg, False, True))
-    t_r = ctx.timed(lambda: _hash_reference(points, table, upstream, cfg, False, True, ctx.sizes.hash_chunk))
-    return Outcome(cmp, f"{pow2(n)} points, {label}", t_n, t_r, ops)
+    return _check_hashgrid_fp32(ctx, ctx.sizes.hash_table_points, seed=2, table_grad=True)
 
 
 def check_hashgrid_fp16(ctx: DeviceContext) -> Outcome:
