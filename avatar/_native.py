@@ -8,7 +8,12 @@ One build description serves both paths:
   ``<cache>/ext/<hash>/``, where the hash covers the sources, the flags, the torch
   and Python versions, whether CUDA is compiled and (then) the CUDA toolkit and
   arch list, so a changed kernel is rebuilt and an unchanged one is loaded from
-  the cache in milliseconds.
+  the cache in milliseconds. It also covers every absolute path ninja's build
+  file records (the source folder, the environment's prefix, torch's and Python's
+  include folders, the compiler), so two checkouts or two environments sharing
+  one cache get a folder each instead of rebuilding each other's extension. A
+  build holds an exclusive lock on ``<folder>.lock``: a second process waits for
+  it, then loads the first one's build.
 
 Two variants, each with its own cache key and module name: with CUDA
 (``avatar_C_cuda``: the ``.cu`` kernels too, where torch has CUDA, a GPU is
@@ -30,6 +35,7 @@ later processes do not retry the same sources.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -40,8 +46,10 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -275,14 +283,31 @@ def extension_kwargs(with_cuda: bool, root: Path | None = None) -> dict:
     }
 
 
+def build_paths(root: Path | None = None) -> dict[str, str | None]:
+    """The absolute paths that ninja's build file holds: where the sources are, the
+    environment (``sys.prefix``: one per venv), torch's and Python's headers, the compiler.
+    A folder built for other paths would be rebuilt by ninja, so each set gets its own."""
+    import torch
+
+    root = root or source_dir()
+    return {
+        "sources": str(root.resolve()) if root is not None else None,
+        "prefix": sys.prefix,
+        "torch": str(Path(torch.__file__).resolve().parent),
+        "python_include": sysconfig.get_paths().get("include"),
+        "cxx": os.environ.get("CXX", "c++"),
+    }
+
+
 def source_hash(with_cuda: bool) -> str:
-    """A key over everything that changes the binary."""
+    """A key over everything that changes the binary or the build file that makes it."""
     import torch
 
     root = source_dir()
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|cuda={with_cuda}".encode())
     digest.update(repr((CXX_FLAGS, NVCC_FLAGS, LD_FLAGS)).encode())
+    digest.update(json.dumps(build_paths(root), sort_keys=True).encode())
     if with_cuda:  # another toolkit or arch list is another binary
         toolkit = cuda_toolkit()
         digest.update(f"{toolkit.cuda_home}|{toolkit.nvcc_version}|{cuda_arch_list()}".encode())
@@ -354,14 +379,44 @@ def _read_info(folder: Path) -> dict | None:
         return None
 
 
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold ``<folder>.lock`` exclusively (``flock``, waiting for a holder) for a build into
+    ``folder``: two processes never compile into one folder at once. The kernel drops the
+    lock of a process that dies. The lock file stays (removing it would let a waiter lock a
+    file no one else sees). Without ``fcntl`` (not POSIX) builds are not serialised."""
+    try:
+        import fcntl
+
+        fh = open(folder.parent / f"{folder.name}.lock", "a+b")  # closed by the with below
+    except (ImportError, OSError):  # not POSIX, or a read-only cache (a finished build loads unlocked)
+        yield
+        return
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            # torch's own build baton ('lock' in the folder) left by a build that was killed
+            # would make every later build wait forever; under our lock no build is running.
+            with contextlib.suppress(FileNotFoundError):
+                (folder / "lock").unlink()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def _build_variant(with_cuda: bool, verbose: bool) -> ModuleType:
     """Build (or load from the cache) one variant; NativeUnavailable says why not."""
+    folder = build_dir(with_cuda)
+    with build_lock(folder):
+        return _build_variant_locked(with_cuda, verbose, folder)
+
+
+def _build_variant_locked(with_cuda: bool, verbose: bool, folder: Path) -> ModuleType:
     global _info
     from torch.utils import cpp_extension
 
-    folder = build_dir(with_cuda)
     key = source_hash(with_cuda)
-    previous = _read_failure(folder, key)
+    previous = _read_failure(folder, key)  # read under the lock: a build that just failed counts
     kind = "with CUDA" if with_cuda else "CPU-only"
     if previous is not None:
         raise NativeUnavailable(

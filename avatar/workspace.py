@@ -4,7 +4,7 @@ Layout (``outputs/<slug>-<YYYYmmdd-HHMMSS>/``)::
 
     config.yaml        resolved config (plain YAML)
     run.json           command line, seed, versions, git revision, kind, parent run
-    run.lock           present while a process writes the run
+    run.lock           present while a process writes the run (flock; pid inside)
     metrics.jsonl      one JSON object per logged step
     checkpoints/       step-00000500.pt ... (atomic writes, last N kept)
     previews/          image grids every N steps
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import re
 import socket
@@ -85,79 +86,159 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file, fsync and rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder in the way, an interrupt: leave no temp file
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
 
 
-class RunLock:
-    """An exclusive lock on a run folder (``run.lock`` holding pid, host and time).
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message`` (just the type name for an empty message)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {line[:limit]}" if line else type(exc).__name__
 
-    A lock left by a dead process on this host is stale: it is taken over with a
-    warning. A live holder, or a holder on another host, is an error.
+
+class RunLock:
+    """An exclusive lock on a run folder: an OS lock (``flock``) on ``run.lock``.
+
+    The kernel holds the lock for as long as the holder keeps the file open, and
+    drops it when the holder exits, however it dies: two processes never hold one
+    run, and the lock of a dead process is free at once (taken over with a
+    warning). The pid, host and start time written inside are information only,
+    for the "in use by process N" message. A file naming another host is refused
+    (a network filesystem may not share locks between hosts).
+
+    Without ``fcntl`` (not a POSIX system) the lock is the file's exclusive
+    creation; a lock left by a dead process must then be deleted by hand.
     """
 
     def __init__(self, folder: Path):
         self.path = folder / "run.lock"
         self.held = False
+        self._fd: int | None = None
 
     def _info(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            info = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return info if isinstance(info, dict) else None
+
+    def _holder_info(self) -> dict[str, Any] | None:
+        # The holder writes its pid just after it locks: give a holder that is writing a moment.
+        for _ in range(10):
+            info = self._info()
+            if info is not None:
+                return info
+            time.sleep(0.02)
+        return None
+
+    def _locked_error(self, info: dict[str, Any] | None) -> RunLockedError:
+        pid = info.get("pid", "unknown") if info else "unknown"
+        host = str(info.get("host", "")) if info else ""
+        if host and host != socket.gethostname():
+            return RunLockedError(f"run {self.path.parent} is locked by pid {pid} on host '{host}'; if that "
+                                  f"process is gone, delete {self.path} and retry")
+        return RunLockedError(f"run {self.path.parent} is in use by process {pid}; wait for it to finish or stop "
+                              f"it (kill {pid}) and retry")
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(5):
+        if self.held:
+            raise RunLockedError(f"run {self.path.parent} is already locked by this lock")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            fcntl = None
+        try:
+            if fcntl is None:
+                self._acquire_exclusive_create()
+            else:
+                self._acquire_flock(fcntl)
+        except OSError as exc:
+            raise WorkspaceError(f"cannot lock run {self.path.parent}: {exc.strerror or exc} ({self.path}); "
+                                 "the run folder must be writable") from exc
+
+    def _acquire_flock(self, fcntl: Any) -> None:
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._handle_existing()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._locked_error(self._holder_info()) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # A releasing holder unlinks run.lock before it unlocks: a lock on an unlinked
+            # (or since replaced) file locks nothing, so check the path still names this file.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
+            try:
+                self._take(fd)
+            except BaseException:
+                os.close(fd)
+                raise
             return
         raise RunLockedError(f"could not lock {self.path.parent}: the lock keeps changing hands")
 
-    def _handle_existing(self) -> None:
-        info = self._info()
-        if info is None:
-            # Empty or half-written: its writer died between create and write, or
-            # is writing right now. Give a live writer a moment before calling it stale.
-            time.sleep(0.2)
-            info = self._info()
-        if info is not None:
-            pid, host = int(info.get("pid", -1)), str(info.get("host", ""))
-            if host and host != socket.gethostname():
-                raise RunLockedError(
-                    f"run {self.path.parent} is locked by pid {pid} on host '{host}'; if that process "
-                    f"is gone, delete {self.path} and retry"
-                )
-            if pid > 0 and _pid_alive(pid):
-                raise RunLockedError(
-                    f"run {self.path.parent} is in use by process {pid}; wait for it to finish or stop it "
-                    f"(kill {pid}) and retry"
-                )
-        warnings.warn(f"taking over the stale lock of {self.path.parent} "
-                      f"(holder {info.get('pid') if info else 'unknown'} is gone)", stacklevel=3)
-        # Rename first so that only one of two competing takers removes it.
-        grave = self.path.with_name(f".run.lock.stale-{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(self.path, grave)
-            grave.unlink()
+    def _take(self, fd: int) -> None:
+        """We hold the OS lock on ``fd``: check what the last holder left, write ourselves in."""
+        previous = os.read(fd, 4096)
+        info = None
+        with contextlib.suppress(ValueError):
+            info = json.loads(previous) if previous.strip() else None
+        if isinstance(info, dict) and str(info.get("host", "")) not in ("", socket.gethostname()):
+            raise self._locked_error(info)
+        if previous.strip():
+            holder = info.get("pid") if isinstance(info, dict) else "unknown"
+            warnings.warn(f"taking over the stale lock of {self.path.parent} (holder {holder} is gone)", stacklevel=4)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self._fd, self.held = fd, True
+
+    def _acquire_exclusive_create(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = self._holder_info()
+            error = self._locked_error(info)
+            raise RunLockedError(f"{error}; if process {info.get('pid') if info else 'unknown'} is gone, "
+                                 f"delete {self.path}") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        self.held = True
 
     def release(self) -> None:
-        if self.held:
-            info = self._info()
-            if info is not None and info.get("pid") == os.getpid():
+        if not self.held:
+            return
+        fd, self._fd, self.held = self._fd, None, False
+        try:
+            if fd is None:  # exclusive-create lock
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
-            self.held = False
+                return
+            # Unlink while still holding the lock (see _acquire_flock), then unlock by closing.
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    self.path.unlink()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -257,16 +338,30 @@ class Workspace:
             "git_revision": git_revision(),
             **extra,
         }
-        atomic_write_bytes(self.info_path, json.dumps(info, indent=2).encode())
+        try:
+            atomic_write_bytes(self.info_path, json.dumps(info, indent=2, default=_json_default).encode())
+        except OSError as exc:
+            raise WorkspaceError(f"cannot write {self.info_path} ({_first_line(exc)}): the run folder must be "
+                                 "writable, with free space, and run.json a file") from exc
         return info
 
     def read_info(self) -> dict[str, Any]:
         try:
-            return json.loads(self.info_path.read_text())
+            info = json.loads(self.info_path.read_text())
         except FileNotFoundError:
             return {}
+        except IsADirectoryError as exc:
+            raise WorkspaceError(f"{self.info_path} is a folder, not the run's record (a JSON file): move it "
+                                 "aside and restore run.json from a backup of the run folder") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise WorkspaceError(f"cannot read {self.info_path} ({_first_line(exc)}); it was left in place") from exc
         except ValueError as exc:
-            raise WorkspaceError(f"{self.info_path} is not valid JSON ({exc}); it was left in place") from exc
+            raise WorkspaceError(f"{self.info_path} is not valid JSON ({_first_line(exc)}); it was left in "
+                                 "place: restore it from a backup of the run folder") from exc
+        if not isinstance(info, dict):
+            raise WorkspaceError(f"{self.info_path} holds a JSON {type(info).__name__}, not the run's record "
+                                 "(an object); restore it from a backup of the run folder")
+        return info
 
     def save_config(self, cfg: Any) -> None:
         from avatar.config import save_config
@@ -284,13 +379,35 @@ class Workspace:
         return load_config(cls, self.config_path)
 
     def log_metrics(self, step: int, **values: Any) -> None:
-        """Append one JSON line ``{"step": step, "time": ..., **values}``."""
-        record = {"step": int(step), "time": round(time.time(), 3), **values}
+        """Append one JSON line ``{"step": step, "time": ..., **values}``; a NaN or an
+        infinity is written as ``null`` (JSON has no such numbers)."""
+        record = _finite_or_null({"step": int(step), "time": round(time.time(), 3), **values})
+        line = json.dumps(record, allow_nan=False, default=_json_default) + "\n"
         with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.write(line)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
+
+    def truncate_metrics(self, step: int) -> int:
+        """Keep the records of steps ``<= step`` (a resume from the checkpoint of ``step``
+        replays the later ones); a line cut by a kill goes too. Returns the lines dropped."""
+        if not self.metrics_path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+            except (ValueError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            atomic_write_bytes(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+        return dropped
 
     # -- checkpoints ---------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -313,11 +430,22 @@ class Workspace:
         path = self.checkpoints_dir / f"step-{step:08d}.pt"
         tmp = self.checkpoints_dir / f".{path.name}.tmp-{os.getpid()}"
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step), "state": state}
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):  # never leave a half-written temp file behind
+                tmp.unlink()
+            if isinstance(exc, OSError):  # a full disk, a quota, a folder gone read-only
+                latest = self.latest_checkpoint()
+                kept = f"the last checkpoint ({latest.name}) is intact" if latest else "no checkpoint was written"
+                raise CheckpointError(
+                    f"cannot write the checkpoint of step {step} in {self.checkpoints_dir} ({_first_line(exc)}); "
+                    f"{kept}: free space there and resume with --resume {self.root}") from exc
+            raise
         _fsync_dir(self.checkpoints_dir)
         if keep > 0:
             for old in self.checkpoints()[:-keep]:
@@ -331,9 +459,12 @@ class Workspace:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
 
-    def load_checkpoint(self, path: str | Path | None = None, map_location: str = "cpu") -> dict[str, Any]:
-        """Load a checkpoint (the latest by default) and return ``{"step", "state"}``.
+    def load_checkpoint(self, path: str | Path | None = None, map_location: str = "cpu",
+                        resume: bool = False) -> dict[str, Any]:
+        """Load a checkpoint (the latest by default) and return ``{"step", "state", "path"}``.
 
+        resume: the run continues from this checkpoint, so ``metrics.jsonl`` is cut back to
+        its step (the later steps are replayed and logged again; see :meth:`truncate_metrics`).
         Raises :class:`CheckpointError` naming the file and the fix; never deletes it.
         """
         import pickle
@@ -348,11 +479,15 @@ class Workspace:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes: its write was cut off); it was left in "
+                                  "place. Resume from an earlier checkpoint by moving this one aside.")
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+                KeyError, IndexError, TypeError, AttributeError) as exc:
             raise CheckpointError(
-                f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                f"checkpoint {path} is truncated or corrupt ({_first_line(exc)}); "
                 f"it was left in place. Resume from an earlier checkpoint by moving this one aside."
             ) from exc
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -363,6 +498,11 @@ class Workspace:
                 f"{path} was written by a newer avatar (checkpoint version {version}, this one reads "
                 f"{CHECKPOINT_VERSION}): upgrade avatar to resume or edit it"
             )
+        if not isinstance(payload.get("step"), int) or not isinstance(payload.get("state"), dict):
+            raise CheckpointError(f"checkpoint {path} lacks its step or state; it was left in place. Resume from an "
+                                  "earlier checkpoint by moving this one aside.")
+        if resume:
+            self.truncate_metrics(payload["step"])
         return {"step": payload["step"], "state": payload["state"], "path": path}
 
     def __repr__(self) -> str:
@@ -381,6 +521,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 rows.append(record)
     return rows
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity (float, tensor or numpy scalar) replaced by None."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0 and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _finite_or_null(obj.tolist())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -57,6 +57,46 @@ def test_metrics_jsonl(ws):
     assert all(json.loads(line) for line in ws.metrics_path.read_text().splitlines()[:2])
 
 
+def _strict_json(line: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_write_non_finite_numbers_as_null(ws):
+    import numpy as np
+
+    ws.log_metrics(1, loss=float("nan"), lr=float("inf"), grad=torch.tensor(float("-inf")),
+                   score=np.float32("nan"), parts={"sds": float("nan"), "reg": 0.5}, history=[1.0, float("inf")],
+                   ok=torch.tensor(0.25))
+    line = ws.metrics_path.read_text().splitlines()[0]
+    record = _strict_json(line)  # valid JSON: no bare NaN or Infinity
+    assert record["loss"] is None and record["lr"] is None and record["grad"] is None and record["score"] is None
+    assert record["parts"] == {"sds": None, "reg": 0.5} and record["history"] == [1.0, None]
+    assert record["ok"] == 0.25 and record["step"] == 1
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint_step(ws):
+    for step in range(1, 9):
+        ws.log_metrics(step, stage="coarse", loss=1.0 / step)
+        if step == 5:
+            ws.save_checkpoint({"w": torch.ones(2)}, 5)
+            ws.log_metrics(5, event="batch_resume", resumed_from=5)  # an event at the checkpoint's step
+    with open(ws.metrics_path, "a") as fh:
+        fh.write('{"step": 9, "lo')  # the kill cut this line
+    assert ws.load_checkpoint()["step"] == 5  # a plain load (export, rollback) leaves metrics alone
+    assert [r["step"] for r in ws.read_metrics()] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert ws.load_checkpoint(resume=True)["step"] == 5
+    assert [r["step"] for r in ws.read_metrics()] == [1, 2, 3, 4, 5, 5]
+    # The replayed steps are logged once each, and every line is whole JSON.
+    for step in range(6, 9):
+        ws.log_metrics(step, stage="coarse", loss=1.0 / step)
+    lines = ws.metrics_path.read_text().splitlines()
+    assert [_strict_json(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert ws.truncate_metrics(8) == 0
+
+
 def test_checkpoint_round_trip_and_keep_last(ws):
     for step in (10, 20, 30, 40):
         ws.save_checkpoint({"w": torch.full((3,), float(step)), "stage": "coarse"}, step, keep=2)

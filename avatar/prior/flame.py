@@ -4,8 +4,10 @@ FLAME's model pickles (``generic_model.pkl`` of FLAME 2020, ``FLAME_NEUTRAL.pkl`
 as the ``smplx`` package names it) were written in Python 2 with some arrays
 stored as ``chumpy`` objects. chumpy is unmaintained and breaks on current
 numpy, so :class:`_FlameUnpickler` maps every chumpy class to a stand-in that
-keeps the pickled state and turns it into a plain array. It also refuses any
-class outside numpy and scipy.sparse, so a FLAME folder cannot run code.
+keeps the pickled state and turns it into a plain array. Every other global a
+pickle names must be on an exact list (array reconstruction, dtype, CSC/CSR
+matrices; :func:`_allowed_globals`), and ``.npy``/``.npz`` files are read without
+numpy's pickle, so a FLAME folder cannot run code.
 
 Conventions follow ``smplx.FLAME``: ``shapedirs`` holds 300 shape then the
 expression components; joints are global (root), neck, jaw, left eye, right
@@ -23,6 +25,7 @@ points when present, else the iBUG ones; FLAME has no iris landmarks.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 from pathlib import Path
@@ -72,40 +75,234 @@ class _ChumpyStandIn:
 def _to_array(value: Any) -> np.ndarray:
     if isinstance(value, _ChumpyStandIn):
         return value.to_array()
-    if hasattr(value, "toarray"):  # scipy.sparse
+    if isinstance(value, _sparse_classes()):
+        # scipy's compiled routines trust their index arrays: check them before use.
+        value.check_format(full_check=True)
         return value.toarray()
     return np.asarray(value)
 
 
-class _FlameUnpickler(pickle.Unpickler):
-    """Unpickler for FLAME files: chumpy -> stand-in, only numpy/scipy otherwise."""
+def _one_line(text: str, limit: int = 200) -> str:
+    """``text`` fit for a one-line message (names read from a file may hold anything)."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return shown[:limit] + ("..." if len(shown) > limit else "")
 
-    _ALLOWED_ROOTS = {"numpy", "scipy", "copy_reg", "copyreg", "_codecs", "collections", "builtins", "__builtin__"}
-    _ALLOWED_BUILTINS = {"object", "set", "frozenset", "slice", "complex", "bytearray", "dict", "list", "tuple"}
+
+def _reason(exc: BaseException) -> str:
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {_one_line(first)}" if first else type(exc).__name__
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asked for something a FLAME file never holds."""
+
+
+class _NdarrayName:
+    """What the name ``numpy.ndarray`` stands for in a FLAME pickle: the subtype argument of
+    ``_reconstruct``, never a constructor (``ndarray(shape, object, buffer)`` would read
+    pointers from the file)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused("refusing to call numpy.ndarray (only _reconstruct builds arrays)")
+
+
+def _reconstruct_array(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` as numpy pickles an array: an empty plain ndarray whose
+    contents come from the checked BUILD that follows."""
+    if subtype is not _NdarrayName or shape != (0,) or typecode not in (b"b", "b"):
+        raise _Refused("refusing a numpy _reconstruct that numpy never writes")
+    return _np_multiarray()._reconstruct(np.ndarray, (0,), b"b")
+
+
+def _plain_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype`` for plain scalar types only (no fields, sub-arrays or metadata),
+    always a fresh copy (its BUILD must not reach numpy's shared descriptors)."""
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise _Refused(f"refusing numpy.dtype({_one_line(repr(spec))[:40]})")
+    dtype = np.dtype(spec, bool(align), True)
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.metadata or dtype.kind not in "biufcOSU":
+        raise _Refused(f"refusing numpy.dtype({_one_line(repr(spec))}): not a plain array type")
+    return dtype
+
+
+def _check_dtype_state(dtype: np.dtype, state: Any) -> None:
+    """A dtype's pickled state may only restate the plain type it was made as (a byte order
+    aside): fields, flags or sizes of its own would make numpy read numbers as pointers."""
+    if not isinstance(state, tuple) or len(state) not in (8, 9) or state[1] not in ("<", ">", "|", "="):
+        raise _Refused("refusing a numpy dtype state that numpy never writes")
+    reference = dtype.newbyteorder(state[1]) if state[1] in ("<", ">") else dtype
+    if tuple(state[:8]) != tuple(reference.__reduce__()[2][:8]) or (len(state) == 9 and state[8] is not None):
+        raise _Refused("refusing a numpy dtype state with fields, flags or sizes of its own")
+
+
+def _check_array_state(state: Any) -> None:
+    # (version, shape, dtype, fortran, data); numpy < 1.0 wrote it without the version.
+    dtype = state[2] if isinstance(state, tuple) and len(state) == 5 else None
+    if isinstance(state, tuple) and len(state) == 4:
+        dtype = state[1]
+    if not isinstance(dtype, np.dtype):  # every dtype here came from _plain_dtype
+        raise _Refused("refusing a numpy array state without a plain dtype")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode``: how Python 3 writes bytes into a protocol-2 pickle (latin-1 only)."""
+    latin1 = isinstance(encoding, str) and encoding.lower().replace("_", "-") in ("latin1", "latin-1")
+    if not isinstance(text, str) or not latin1:
+        raise _Refused(f"refusing _codecs.encode with encoding {_one_line(repr(encoding))}")
+    return text.encode("latin1")
+
+
+def _object_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copy_reg._reconstructor`` (protocols 0 and 1): a bare instance of an allowed class."""
+    if base is not object or state is not None or cls not in (_ChumpyStandIn, *_sparse_classes()):
+        raise _Refused("refusing copy_reg._reconstructor outside a bare allowed object")
+    return object.__new__(cls)
+
+
+def _np_multiarray() -> Any:
+    if getattr(np, "_core", None) is None:  # numpy 1.x has only numpy.core
+        from numpy.core import multiarray
+    else:
+        from numpy._core import multiarray
+    return multiarray
+
+
+def _np_frombuffer() -> Any:
+    if getattr(np, "_core", None) is None:
+        from numpy.core.numeric import _frombuffer
+    else:
+        from numpy._core.numeric import _frombuffer
+    return _frombuffer
+
+
+def _sparse_classes() -> tuple[type, ...]:
+    import scipy.sparse as sp
+
+    return (sp.csc_matrix, sp.csr_matrix, sp.csc_array, sp.csr_array)
+
+
+@functools.lru_cache(maxsize=1)
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """Every global a FLAME file may name, written by Python 2 or 3, numpy 1 or 2, old or new scipy.
+
+    Exactly: array reconstruction (``_reconstruct`` as numpy writes it, ``ndarray`` as its
+    argument only, plain dtypes, numpy scalars, protocol 5's ``_frombuffer``), scipy's
+    CSC/CSR sparse classes, bytes as Python 3 writes them into a protocol-2 pickle
+    (``_codecs.encode``, latin-1 only), the ``set`` in chumpy's pickled state, ``object``
+    and a checked ``copy_reg._reconstructor`` for protocols 0/1. None of these can import a
+    module, call what it is handed, run a string or read memory it was not given.
+    """
+    import scipy.sparse as sp
+
+    multiarray = _np_multiarray()
+    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NdarrayName, ("numpy", "dtype"): _plain_dtype}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(mod, "_reconstruct")] = _reconstruct_array
+        table[(mod, "scalar")] = multiarray.scalar
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        table[(mod, "_frombuffer")] = _np_frombuffer()
+    for kind in ("csc", "csr"):
+        for suffix in ("matrix", "array"):
+            name = f"{kind}_{suffix}"
+            for mod in ("scipy.sparse", f"scipy.sparse.{kind}", f"scipy.sparse._{kind}"):
+                table[(mod, name)] = getattr(sp, name)
+    for mod in ("builtins", "__builtin__"):
+        table[(mod, "set")] = set
+        table[(mod, "frozenset")] = frozenset
+        table[(mod, "object")] = object
+    table[("_codecs", "encode")] = _latin1_encode
+    for mod in ("copyreg", "copy_reg"):
+        table[(mod, "_reconstructor")] = _object_reconstructor
+    return table
+
+
+class _FlameUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD can be checked
+    """Unpickler for FLAME files: chumpy -> stand-in, else only :func:`_allowed_globals`, and
+    numpy's own state setters only with states numpy itself writes for plain arrays."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
-        root = module.split(".")[0]
-        if root == "chumpy":
+        if module == "chumpy" or module.startswith("chumpy."):
             return _ChumpyStandIn
-        if root not in self._ALLOWED_ROOTS:
-            raise PriorError(f"unexpected object {module}.{name} in a FLAME file: not a FLAME model")
-        if root in ("builtins", "__builtin__") and name not in self._ALLOWED_BUILTINS:
-            raise PriorError(f"unexpected object {module}.{name} in a FLAME file: not a FLAME model")
-        return super().find_class(module, name)
+        found = _allowed_globals().get((module, name))
+        if found is None:
+            raise PriorError(
+                f"refused to load {_one_line(f'{module}.{name}')} from a FLAME file: FLAME files hold only "
+                "arrays, sparse matrices and chumpy values, so this file is not a FLAME model (or was "
+                "tampered with); nothing in it was run. Replace it with the file from https://flame.is.tue.mpg.de"
+            )
+        return found
+
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            _check_dtype_state(inst, state)
+        elif isinstance(inst, np.ndarray):
+            _check_array_state(state)
+        elif not isinstance(inst, (_ChumpyStandIn, *_sparse_classes())):
+            raise _Refused(f"refusing to set the state of a {_one_line(type(inst).__name__)}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _unpickle(stream: Any, path: Path) -> Any:
+    try:
+        return _FlameUnpickler(stream, encoding="latin1").load()
+    except PriorError as exc:
+        raise PriorError(f"{path}: {exc}") from None
+    except _Refused as exc:
+        raise PriorError(f"{path}: {exc}: this file is not a FLAME model (or was tampered with); nothing in it "
+                         "was run. Replace it with the file from https://flame.is.tue.mpg.de") from None
+    except Exception as exc:  # any unpickling failure means "not a FLAME file"
+        raise PriorError(f"{path} is not a readable FLAME pickle ({_reason(exc)})") from None
 
 
 def read_flame_pickle(path: Path) -> Any:
-    """Unpickle a FLAME ``.pkl`` (Python 2 or 3) without chumpy; chumpy values become arrays."""
-    data = Path(path).read_bytes()
+    """Unpickle a FLAME ``.pkl`` (Python 2 or 3) without chumpy; chumpy values become arrays.
+
+    Raises :class:`PriorError` (one line) for anything but a FLAME-kind pickle; a pickle
+    naming any other class or function is refused before anything in it is called.
+    """
     try:
-        obj = _FlameUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except PriorError:
-        raise
-    except Exception as exc:  # any unpickling failure means "not a FLAME file"
-        raise PriorError(f"{path} is not a readable FLAME pickle: {exc}") from None
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PriorError(f"cannot read {path}: {exc.strerror or _reason(exc)}") from None
+    obj = _unpickle(io.BytesIO(data), Path(path))
     if isinstance(obj, dict):
         return {k: _to_array(v) if isinstance(v, _ChumpyStandIn) else v for k, v in obj.items()}
     return obj
+
+
+def read_flame_npy(path: Path) -> Any:
+    """Read a ``.npy`` without numpy's unrestricted unpickling.
+
+    Plain arrays load with ``allow_pickle=False``. An object array (FLAME's
+    ``flame_dynamic_embedding.npy`` is a 0-d object array holding a dict) is unpickled
+    by :class:`_FlameUnpickler`; a 0-d one is returned as the object it holds.
+    """
+    path = Path(path)
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, _fortran, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _fortran, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                shape, dtype = None, None  # 3.0 (utf-8 names): only plain arrays are read below
+            if dtype is None or not dtype.hasobject:
+                return np.load(path, allow_pickle=False)
+            obj = _unpickle(fh, path)
+    except PriorError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise PriorError(f"{path} is not a readable .npy file ({_reason(exc)})") from None
+    if not isinstance(obj, np.ndarray) or obj.shape != shape:
+        raise PriorError(f"{path}: the header promises an object array of shape {shape}, the data is not one")
+    return obj[()] if obj.ndim == 0 else obj
 
 
 def find_flame_files(folder: Path) -> dict[str, Path | None]:
@@ -148,9 +345,10 @@ def _landmark_embedding(
     try:
         face_idx = np.asarray(data["lmk_face_idx"], dtype=np.int64)
         bary = np.asarray(data["lmk_b_coords"], dtype=np.float64)
-    except (KeyError, TypeError, IndexError):
+    except (KeyError, TypeError, IndexError, ValueError) as exc:  # ValueError: object arrays in an .npz
         raise PriorError(
-            f"{path} is not a FLAME landmark embedding: expected 'lmk_face_idx' and 'lmk_b_coords'"
+            f"{path} is not a FLAME landmark embedding: expected arrays 'lmk_face_idx' and 'lmk_b_coords' "
+            f"({_reason(exc)})"
         ) from None
     if bary.shape != face_idx.shape + (3,) or (face_idx.size and (face_idx.min() < 0 or face_idx.max() >= len(faces))):
         raise PriorError(
@@ -176,15 +374,18 @@ def load_flame(folder: Path | str, recentre: bool = True, dtype: torch.dtype = t
     if not isinstance(raw, dict) or any(k not in raw for k in _REQUIRED_KEYS):
         keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise PriorError(f"{files['model']} is not a FLAME model: expected keys {list(_REQUIRED_KEYS)}, found {keys}")
-    arr = {k: _to_array(raw[k]) for k in _REQUIRED_KEYS}
-    v_template = arr["v_template"].astype(np.float64)
-    faces = arr["f"].astype(np.int64)
+    try:
+        arr = {k: _to_array(raw[k]) for k in _REQUIRED_KEYS}
+        v_template = arr["v_template"].astype(np.float64)
+        faces = arr["f"].astype(np.int64)
+        shapedirs = arr["shapedirs"].astype(np.float64)
+        posedirs = arr["posedirs"].astype(np.float64)
+        j_regressor = arr["J_regressor"].astype(np.float64)
+        weights = arr["weights"].astype(np.float64)
+        kintree = arr["kintree_table"].astype(np.int64)
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise PriorError(f"{files['model']} holds a FLAME key that is not a numeric array ({_reason(exc)})") from None
     n_vert = len(v_template)
-    shapedirs = arr["shapedirs"].astype(np.float64)
-    posedirs = arr["posedirs"].astype(np.float64)
-    j_regressor = arr["J_regressor"].astype(np.float64)
-    weights = arr["weights"].astype(np.float64)
-    kintree = arr["kintree_table"].astype(np.int64)
     n_joint = weights.shape[1] if weights.ndim == 2 else -1
     checks = {
         "v_template": (v_template.shape, (n_vert, 3)),
@@ -217,10 +418,7 @@ def load_flame(folder: Path | str, recentre: bool = True, dtype: torch.dtype = t
     lmk_faces, lmk_bary = [static_face], [static_bary]
     ibug_index = {17 + i: i for i in range(len(static_face))}
     if files["dynamic"] is not None:
-        try:
-            dyn = np.load(files["dynamic"], allow_pickle=True, encoding="latin1")[()]
-        except Exception as exc:
-            raise PriorError(f"{files['dynamic']} is not a FLAME dynamic embedding: {exc}") from None
+        dyn = read_flame_npy(files["dynamic"])
         dyn_face, dyn_bary = _landmark_embedding(dyn, files["dynamic"], faces)
         if dyn_face.ndim != 2:
             raise PriorError(f"{files['dynamic']}: expected (yaw bins, points) landmark faces, got {dyn_face.shape}")
@@ -231,9 +429,16 @@ def load_flame(folder: Path | str, recentre: bool = True, dtype: torch.dtype = t
     contours = {name: [ibug_index[i] for i in ids if i in ibug_index] for name, ids in IBUG68_CONTOURS.items()}
     mediapipe_count = 0
     if files["mediapipe"] is not None:
-        with np.load(files["mediapipe"], allow_pickle=False) as mp:
-            mp_face, mp_bary = _landmark_embedding(mp, files["mediapipe"], faces)
-            ids = np.asarray(mp["landmark_indices"], dtype=np.int64) if "landmark_indices" in mp.files else None
+        try:
+            with np.load(files["mediapipe"], allow_pickle=False) as mp:
+                mp_face, mp_bary = _landmark_embedding(mp, files["mediapipe"], faces)
+                ids = np.asarray(mp["landmark_indices"], dtype=np.int64) if "landmark_indices" in mp.files else None
+        except PriorError:
+            raise
+        except Exception as exc:  # not a zip, a cut file, object arrays (refused: no pickle)
+            raise PriorError(
+                f"{files['mediapipe']} is not a readable .npz landmark embedding ({_reason(exc)})"
+            ) from None
         if ids is None or ids.shape != mp_face.shape:
             raise PriorError(f"{files['mediapipe']}: expected 'landmark_indices' matching 'lmk_face_idx'")
         offset = sum(len(f) for f in lmk_faces)
