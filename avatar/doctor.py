@@ -22,8 +22,10 @@ GUIDANCE_DEFAULTS = (
     (GuidanceConfig.controlnet, "landmark_controlnet"),
     (EditGuidanceConfig.model, "ip2p"),
     (EditGuidanceConfig.identity_controlnet, "identity_controlnet"),
+    (GuidanceConfig.tiny_ae, "tiny_ae"),
 )
-"""Default guidance weights and their roles, looked up in the local Hugging Face cache."""
+"""Default guidance weights and their roles, looked up in the local Hugging Face cache (the tiny
+autoencoder: TAESD, the ``fast`` preset's ``guidance.encoder=tiny-ae``)."""
 
 FLAME_MODEL_FILES = ("generic_model.pkl", "FLAME_NEUTRAL.pkl")
 

@@ -417,33 +417,65 @@ def _trained_bytes(params: Iterable[torch.Tensor]) -> int:
 # -- diffusion --------------------------------------------------------------
 
 
-def diffusion_parts(unet: torch.nn.Module, controlnet: torch.nn.Module | None, vae: torch.nn.Module, *,
-                    batch: int, render_resolutions: dict[str, int], vae_resolution: int, p_control: float,
-                    dtype: torch.dtype, device: str | torch.device = "meta",
-                    text_tokens: int = 77) -> dict[str, Any]:
-    """``vae_encode`` per stage (renders of that stage's size -> resize -> encoder, forward and
-    backward to the image) and ``unet_cfg`` (UNet on the classifier-free-guidance batch of 2 x
-    ``batch`` latents, with the landmark ControlNet for the fraction ``p_control`` of cameras it
-    applies to; no grad), through the pipeline's own :class:`VAEEncoder` and ``unet_predictions``.
+def image_encoder(autoencoder: torch.nn.Module, resolution: int, dtype: torch.dtype) -> Any:
+    """The guidance's own encoder for ``autoencoder``: :class:`TinyAEEncoder` for an
+    ``AutoencoderTiny`` (TAESD), :class:`VAEEncoder` for SD's ``AutoencoderKL``."""
+    from avatar.guidance.sds import TinyAEEncoder, VAEEncoder
 
-    Returns {"vae_encode": {stage: Part}, "unet_cfg": Part}.
-    """
-    from avatar.guidance.prompts import LANDMARK_VIEWS
-    from avatar.guidance.sds import ControlBranch, VAEEncoder, to_channels_first, unet_predictions
+    if hasattr(autoencoder.config, "latent_magnitude"):  # AutoencoderTiny's config
+        return TinyAEEncoder(autoencoder, resolution, dtype)
+    return VAEEncoder(autoencoder, resolution, dtype)
+
+
+def encoder_name(autoencoder: torch.nn.Module) -> str:
+    """``guidance.encoder`` of an autoencoder: ``tiny-ae`` or ``sd``."""
+    return "tiny-ae" if hasattr(autoencoder.config, "latent_magnitude") else "sd"
+
+
+def encoder_parts(autoencoder: torch.nn.Module, *, batch: int, render_resolutions: dict[str, int],
+                  vae_resolution: int, dtype: torch.dtype, device: str | torch.device = "meta") -> dict[str, Part]:
+    """``vae_encode`` per stage: renders of that stage's size -> resize -> the image encoder (SD's
+    VAE or TAESD), forward and backward to the image, through the guidance's own encoder classes."""
+    from avatar.guidance.sds import to_channels_first
 
     device = torch.device(device)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    encoder = VAEEncoder(vae, vae_resolution, dtype)
-    vae_weights, vae_buffers = _module_bytes(vae.encoder, *([vae.quant_conv] if vae.quant_conv is not None else []))
-    vae_parts = {}
+    encoder = image_encoder(autoencoder, vae_resolution, dtype)
+    quant = getattr(autoencoder, "quant_conv", None)
+    weights, buffers = _module_bytes(autoencoder.encoder, *([quant] if quant is not None else []))
+    name = "TAESD" if encoder_name(autoencoder) == "tiny-ae" else "SD VAE"
+    parts = {}
     for stage, res in render_resolutions.items():
-        def vae_step(res: int = res) -> None:
+        def step(res: int = res) -> None:
             image = torch.rand(batch, res, res, 3, device=device, requires_grad=True)
             latents = encoder.encode(to_channels_first(image))
             latents.sum().backward()
 
-        vae_parts[stage] = Part(count(vae_step, vae), precision, vae_weights, 0, vae_buffers,
-                                measured=device.type, note=f"{res}px render -> {vae_resolution}px encoder")
+        parts[stage] = Part(count(step, autoencoder), precision, weights, 0, buffers, measured=device.type,
+                            note=f"{res}px render -> {vae_resolution}px {name} encoder")
+    return parts
+
+
+def diffusion_parts(unet: torch.nn.Module, controlnet: torch.nn.Module | None, vae: torch.nn.Module, *,
+                    batch: int, render_resolutions: dict[str, int], vae_resolution: int, p_control: float,
+                    dtype: torch.dtype, device: str | torch.device = "meta",
+                    text_tokens: int = 77) -> dict[str, Any]:
+    """``vae_encode`` per stage (:func:`encoder_parts`; ``vae`` may be SD's VAE or TAESD) and
+    ``unet_cfg`` (UNet on the classifier-free-guidance batch of 2 x ``batch`` latents, with the
+    landmark ControlNet for the fraction ``p_control`` of cameras it applies to; no grad),
+    through the pipeline's own encoders and ``unet_predictions``. ``unet_cfg`` is the floor of a
+    step: what score distillation cannot do without.
+
+    Returns {"vae_encode": {stage: Part}, "unet_cfg": Part, "unet_cfg_controlnet_share": float}.
+    """
+    from avatar.guidance.prompts import LANDMARK_VIEWS
+    from avatar.guidance.sds import ControlBranch, unet_predictions
+
+    device = torch.device(device)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    vae_parts = encoder_parts(vae, batch=batch, render_resolutions=render_resolutions, vae_resolution=vae_resolution,
+                              dtype=dtype, device=device)
+    encoder = image_encoder(vae, vae_resolution, dtype)
 
     latent = vae_resolution // encoder.scale_factor
     channels = unet.config.in_channels
@@ -505,9 +537,19 @@ def control_probability(cfg: Any, n: int = 4096, seed: int = 0) -> float:
 
 
 def _shading_mix(st: Any) -> tuple[float, float]:
-    """(P(albedo), P(lit)): lambertian and textureless shading cost the same (normals, a light)."""
+    """(P(albedo), P(lit)) over a stage's steps: lambertian, textureless and normal-map shading cost
+    the same (normals, a light); the normal-map warm-up steps count as lit."""
     p = [float(x) for x in st.shading_probs]
-    return p[0] / sum(p), (p[1] + p[2]) / sum(p)
+    warm = min(int(getattr(st, "normal_warmup_steps", 0)), int(st.steps)) / max(int(st.steps), 1)
+    albedo = p[0] / sum(p) * (1.0 - warm)
+    return albedo, 1.0 - albedo
+
+
+def _look(shading: str, light: Any, background: Any = "white") -> Any:
+    """The pipeline's :class:`StepLook` for a shading (ambient 1: the cost does not depend on it)."""
+    from avatar.pipeline.generate import StepLook
+
+    return StepLook(shading, light, 1.0, background)
 
 
 def coarse_parts(cfg: Any, prior: Any, frame: Any, cameras: int = 3, seed: int = 0
@@ -537,7 +579,7 @@ def coarse_parts(cfg: Any, prior: Any, frame: Any, cameras: int = 3, seed: int =
             light = random_light(cams.eye, gen) if shading != "albedo" else None
 
             def step(cams: Any = cams, light: Any = light, shading: str = shading) -> None:
-                out, regs = stage.render(cams, shading, light, gen, 1)  # step 1: no occupancy refresh
+                out, regs = stage.render(cams, _look(shading, light, stage.background), gen, 1)  # no refresh
                 loss = out.rgb.mean() + sum(w * v for w, v in regs.values())
                 stage.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -559,8 +601,8 @@ def coarse_parts(cfg: Any, prior: Any, frame: Any, cameras: int = 3, seed: int =
     occupancy.saved_bytes = 0.0
 
     stage.optimizer.step()  # Adam's state exists from here on, as in a run; count the next step
-    out, _ = stage.render(sample_cameras(st.batch_size, cfg.cameras, st.resolution, gen, device), "albedo", None,
-                          gen, 1)
+    out, _ = stage.render(sample_cameras(st.batch_size, cfg.cameras, st.resolution, gen, device),
+                          _look("albedo", None, stage.background), gen, 1)
     stage.optimizer.zero_grad(set_to_none=True)
     out.rgb.mean().backward()
     adam = count(stage.optimizer.step)
@@ -647,7 +689,7 @@ def fine_parts(cfg: Any, prior: Any, frame: Any, cameras: int = 3, seed: int = 0
                 out.rgb.mean().backward()
 
             def whole(cams: Any = cams, light: Any = light, shading: str = shading) -> None:
-                out, regs = stage.render(cams, shading, light, gen, 1)
+                out, regs = stage.render(cams, _look(shading, light), gen, 1)
                 loss = out.rgb.mean() + sum(w * v for w, v in regs.values())
                 stage.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -757,23 +799,76 @@ def project(stages: dict[str, dict[str, Part]], steps: dict[str, int], acc: Acce
     return out
 
 
+GOAL_MINUTES = {"quality": 15.0, "fast": 5.0}
+"""Minutes per avatar on one H100, projected, that a preset must meet (issue 16)."""
+
+FLOOR_GOAL = 1.2
+"""A step's FLOPs over the floor's (the UNet + ControlNet CFG forward) with ``tiny-ae`` (issue 16)."""
+
+
+def _amortise_encoder(stages: dict[str, dict[str, Part]], fraction: dict[str, float]) -> dict[str, dict[str, Part]]:
+    """The stages with ``vae_encode`` spread over all steps when only ``fraction`` of them encode
+    (the activations it saves, what the peak holds, are not spread)."""
+    out = {}
+    for stage, parts in stages.items():
+        k = fraction.get(stage, 1.0)
+        out[stage] = dict(parts)
+        part = parts.get("vae_encode")
+        if part is not None and k != 1.0:
+            c = part.count.scaled(k)
+            c.saved_bytes = part.count.saved_bytes
+            out[stage]["vae_encode"] = Part(c, part.precision, part.weights_bytes, part.optimizer_bytes,
+                                            part.buffer_bytes, part.measured,
+                                            f"{part.note}; on {k:.0%} of the steps (none in the normal warm-up)")
+    return out
+
+
+def floor_ratios(stages: dict[str, dict[str, Part]], acc: Accelerator = H100_SXM) -> dict[str, Any]:
+    """Per stage: the whole step against its floor, ``unet_cfg`` (one classifier-free-guidance
+    forward of the UNet with its ControlNet: the work score distillation cannot skip), in FLOPs
+    and in projected time."""
+    out = {}
+    for stage, parts in stages.items():
+        floor = parts["unet_cfg"]
+        step_flops = sum(p.count.flops for p in parts.values())
+        step_ms = sum(p.project(acc)["ms"] for p in parts.values())
+        floor_ms = floor.project(acc)["ms"]
+        out[stage] = {"step_tflop": _r(step_flops / 1e12, 4), "floor_tflop": _r(floor.count.flops / 1e12, 4),
+                      "flops_over_floor": _r(step_flops / floor.count.flops, 4), "step_ms": _r(step_ms, 4),
+                      "floor_ms": _r(floor_ms, 4), "time_over_floor": _r(step_ms / floor_ms, 4)}
+    return out
+
+
 def quality_report(sd_models: tuple[Any, Any, Any], tiny: tuple[Any, Any, Any] | None = None,
                    preset: str = "quality", overrides: Iterable[str] = (), cameras: int = 3,
-                   max_tets: int = 16_000_000, acc: Accelerator = H100_SXM, goal_minutes: float = 15.0,
-                   log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+                   max_tets: int = 16_000_000, acc: Accelerator = H100_SXM, goal_minutes: float | None = None,
+                   log: Callable[[str], None] = lambda msg: None, tiny_ae: Any = None,
+                   encoders: Iterable[str] | None = None) -> dict[str, Any]:
     """The whole ``--flops`` report for ``preset`` (read from ``avatar/config.py`` now).
 
     sd_models: (UNet, ControlNet or None, VAE), normally SD 1.5's architectures on the meta device.
     tiny: the tiny guidance's models (real tensors), for the meta-vs-real check.
+    tiny_ae: TAESD (``AutoencoderTiny``) like them, for ``guidance.encoder=tiny-ae``.
+    encoders: the ``guidance.encoder`` values to compare (``by_encoder``: the same step with each
+    encoder, the rest unchanged); the preset's own is the one detailed by part.
+    goal_minutes: default :data:`GOAL_MINUTES` of the preset (15 for another).
     """
     from avatar.config import GenerateConfig, make_config
     from avatar.pipeline.generate import head_frame, load_prior
 
     started = time.perf_counter()
     cfg = make_config(GenerateConfig, preset, ["device=cpu", "prior.spec=anny", *overrides])
+    goal_minutes = GOAL_MINUTES.get(preset, 15.0) if goal_minutes is None else goal_minutes
     dtype = torch.float16 if cfg.guidance.half_precision else torch.float32
     p_control = control_probability(cfg) if sd_models[1] is not None and cfg.guidance.controlnet else 1.0
-    unet, controlnet, vae = sd_models
+    unet, controlnet, sd_vae = sd_models
+    own_encoder = str(getattr(cfg.guidance, "encoder", "sd"))
+    autoencoders = {"sd": sd_vae, "tiny-ae": tiny_ae}
+    encoders = list(dict.fromkeys([own_encoder, *(encoders or [])]))
+    missing = [e for e in encoders if autoencoders.get(e) is None]
+    if missing:
+        raise ValueError(f"no model given for encoder(s) {missing}: pass tiny_ae= for tiny-ae")
+    vae = autoencoders[own_encoder]
     if not cfg.guidance.controlnet:
         controlnet = None
     prior = load_prior(cfg.prior.spec)
@@ -817,8 +912,38 @@ def quality_report(sd_models: tuple[Any, Any, Any], tiny: tuple[Any, Any, Any] |
             if part is not None:
                 stages[stage][name] = part
     steps = {"coarse": int(cfg.coarse.steps), "fine": int(cfg.fine.steps)}
+    # During the coarse normal-map warm-up the denoiser takes the normal map as its latents
+    # (coarse.warmup_latents): those steps run no encoder.
+    warm = min(int(getattr(cfg.coarse, "normal_warmup_steps", 0)), steps["coarse"]) \
+        if getattr(cfg.coarse, "warmup_latents", False) else 0
+    encode_fraction = {"coarse": 1.0 - warm / max(steps["coarse"], 1), "fine": 1.0}
+    by_encoder: dict[str, Any] = {}
+    for name in encoders:
+        if name == own_encoder:
+            swapped = stages
+        else:
+            other = encoder_parts(autoencoders[name], batch=cfg.coarse.batch_size,
+                                  render_resolutions={"coarse": cfg.coarse.resolution, "fine": cfg.fine.resolution},
+                                  vae_resolution=cfg.guidance.vae_resolution, dtype=dtype,
+                                  device=next(unet.parameters()).device)
+            swapped = {stage: {k: (other[stage] if k == "vae_encode" else v) for k, v in parts.items()}
+                       for stage, parts in stages.items()}
+        proj = project(_amortise_encoder(swapped, encode_fraction), steps, acc)
+        ratios = floor_ratios(swapped, acc)
+        by_encoder[name] = {
+            "minutes_per_avatar": proj["minutes_per_avatar"], "goal_minutes": goal_minutes,
+            "met": proj["minutes_per_avatar"] <= goal_minutes,
+            "encoder_tflop": {stage: _r(parts["vae_encode"].count.flops / 1e12, 4)
+                              for stage, parts in swapped.items()},
+            "step_over_floor": ratios,
+            **({"floor_goal": FLOOR_GOAL,
+                "floor_goal_met": all(r["flops_over_floor"] <= FLOOR_GOAL for r in ratios.values())}
+               if name == "tiny-ae" else {}),
+        }
     report: dict[str, Any] = {
         "preset": preset,
+        "encoder": own_encoder,
+        "by_encoder": by_encoder,
         "config": {
             "coarse": {**{k: getattr(cfg.coarse, k) for k in ("steps", "resolution", "samples_per_ray", "batch_size",
                                                               "n_levels", "log2_hashmap_size", "max_resolution",
@@ -827,12 +952,15 @@ def quality_report(sd_models: tuple[Any, Any, Any], tiny: tuple[Any, Any, Any] |
             "fine": {**{k: getattr(cfg.fine, k) for k in ("steps", "resolution", "dmtet_resolution", "batch_size",
                                                           "n_levels", "log2_hashmap_size", "max_resolution",
                                                           "hidden")}, "dmtet": facts},
-            "guidance": {"vae_resolution": cfg.guidance.vae_resolution, "dtype_on_gpu": str(dtype).split(".")[-1],
+            "guidance": {"encoder": own_encoder, "vae_resolution": cfg.guidance.vae_resolution,
+                         "dtype_on_gpu": str(dtype).split(".")[-1],
                          "controlnet": bool(controlnet is not None), "controlnet_fraction_of_cameras": _r(p_control, 3),
-                         "architectures": "SD 1.5 UNet + ControlNet (from the UNet) + VAE, published configs"},
+                         "architectures": "SD 1.5 UNet + ControlNet (from the UNet) + VAE / TAESD, published "
+                                          "configs"},
         },
         "unet_cfg_controlnet_share_of_flops": diff["unet_cfg_controlnet_share"],
-        **summarise(stages, steps, acc, goal_minutes),
+        "encoder_runs_on_fraction_of_steps": {k: _r(v, 4) for k, v in encode_fraction.items()},
+        **summarise(_amortise_encoder(stages, encode_fraction), steps, acc, goal_minutes),
     }
     if tiny is not None:
         check = timed("meta vs real (tiny)", lambda: meta_matches_real(*tiny, vae_resolution=64, render_resolution=32))
@@ -914,6 +1042,32 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def floor_markdown(reports: Iterable[dict[str, Any]]) -> str:
+    """Each preset and encoder: one step against its floor (the UNet + ControlNet CFG forward), and
+    the minutes per avatar projected on one H100, against the goals of issue 16."""
+    lines = [
+        "| preset | encoder | stage | encoder TFLOP | floor TFLOP | step TFLOP | step / floor (FLOPs) "
+        "| step / floor (H100 time) | H100 ms / step | min / avatar | goal |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for report in reports:
+        for name, enc in report.get("by_encoder", {}).items():
+            own = " (preset)" if name == report.get("encoder") else ""
+            for i, (stage, r) in enumerate(enc["step_over_floor"].items()):
+                goal = ""
+                if i == 0:
+                    goal = f"{'met' if enc['met'] else 'missed'} (<= {enc['goal_minutes']:g} min)"
+                    if "floor_goal" in enc:
+                        goal += f"; step {'<=' if enc['floor_goal_met'] else '>'} {enc['floor_goal']:g}x floor"
+                minutes = f"**{_fmt(enc['minutes_per_avatar'])}**" if i == 0 else ""
+                lines.append(
+                    f"| {report['preset'] if i == 0 else ''} | {name + own if i == 0 else ''} | {stage} "
+                    f"| {_fmt(enc['encoder_tflop'][stage])} | {_fmt(r['floor_tflop'])} | {_fmt(r['step_tflop'])} "
+                    f"| {r['flops_over_floor']:.2f}x | {r['time_over_floor']:.2f}x | {_fmt(r['step_ms'])} "
+                    f"| {minutes} | {goal} |")
+    return "\n".join(lines)
+
+
 def _fmt(x: float) -> str:
     if x == 0:
         return "0"
@@ -932,4 +1086,9 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python benchmarks/flops.py REPORT.json  (from python benchmarks/iteration.py --flops)")
     with open(sys.argv[1]) as fh:
-        print(markdown(json.load(fh)))
+        saved = json.load(fh)
+    reports = list(saved["presets"].values()) if "presets" in saved else [saved]
+    print(floor_markdown(reports))
+    for one in reports:
+        print()
+        print(markdown(one))

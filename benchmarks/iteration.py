@@ -6,9 +6,12 @@
     python benchmarks/iteration.py --smoke-only   # only the smoke run
     python benchmarks/iteration.py --flops [--markdown]  # FLOPs, bytes, memory by part; H100 projection
 
-``--flops`` (issue 14) prints, instead of times on this machine, what one step of the quality
-preset costs on paper, by part, and the minutes per avatar it projects to on one H100 at stated
-utilisations; ``--markdown`` prints the same as a table for the README. See ``benchmarks/flops.py``.
+``--flops`` (issues 14 and 16) prints, instead of times on this machine, what one step of each
+preset (``--preset fast,quality``) costs on paper, by part, with each image encoder
+(``--encoders sd,tiny-ae``: SD's VAE and TAESD), the ratio of the whole step to its floor (one
+UNet + ControlNet classifier-free-guidance forward), and the minutes per avatar it projects to on
+one H100 at stated utilisations; ``--markdown`` prints the same as tables for the README. See
+``benchmarks/flops.py``.
 
 Parts of one step (issue 7), each timed on its own (wall clock, best of N after a warm-up):
 
@@ -48,20 +51,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-"""stable-diffusion-v1-5's unet/config.json (the fields that differ from diffusers' defaults)."""
-
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    sample_size=512,
-)
-"""stable-diffusion-v1-5's vae/config.json."""
 
 
 def best_of(fn, repeats: int) -> dict:
@@ -100,31 +89,23 @@ def diffusion_parts(unet, controlnet, vae, latent: int, image: int, text_dim: in
     return {"unet_cfg": best_of(unet_cfg, repeats), "vae_encode": best_of(vae_encode, repeats)}
 
 
-def sd15_models(device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """SD 1.5's UNet, its ControlNet and VAE at random weights; on ``meta`` they hold shapes only."""
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+def sd15_models(device: str = "cpu", dtype: torch.dtype = torch.float32, encoder: str = "sd"):
+    """SD 1.5's UNet, its ControlNet and VAE (``encoder='tiny-ae'``: TAESD instead) at random
+    weights; on ``meta`` they hold shapes only."""
+    from avatar.guidance.architectures import sd15_models as build
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET).eval()
-        controlnet = ControlNetModel.from_unet(unet).eval()
-        vae = AutoencoderKL(**SD15_VAE).eval()
-    for m in (unet, controlnet, vae):
-        m.requires_grad_(False)
-        if dtype != torch.float32:
-            # diffusers warns about casting with .to(); the warning is about loading weights (none here).
-            for p in m.parameters():
-                p.data = p.data.to(dtype)
-    return unet, controlnet, vae
+    m = build(device, dtype)
+    return m["unet"], m["controlnet"], m["tiny_ae" if encoder == "tiny-ae" else "vae"]
 
 
-def tiny_models():
+def tiny_models(encoder: str = "sd"):
     from avatar.guidance.tiny import LANDMARK_CONTROLNET, build_tiny_components
 
     c = build_tiny_components(0)
-    for m in (c["unet"], c["vae"], c["controlnets"][LANDMARK_CONTROLNET]):
+    ae = c["tiny_ae"] if encoder == "tiny-ae" else c["vae"]
+    for m in (c["unet"], ae, c["controlnets"][LANDMARK_CONTROLNET]):
         m.requires_grad_(False)
-    return c["unet"], c["controlnets"][LANDMARK_CONTROLNET], c["vae"]
+    return c["unet"], c["controlnets"][LANDMARK_CONTROLNET], ae
 
 
 # ---------------------------------------------------------------------------
@@ -134,7 +115,7 @@ def tiny_models():
 def stage_parts(stage_name: str, preset: str, overrides: list[str], repeats: int) -> dict:
     """field_render (forward + backward) and the optimiser step of one stage, with that preset's sizes."""
     from avatar.config import GenerateConfig, make_config
-    from avatar.pipeline.generate import CoarseStage, FineStage, head_frame, load_prior
+    from avatar.pipeline.generate import CoarseStage, FineStage, StepLook, head_frame, load_prior
     from avatar.render.cameras import sample_cameras
 
     cfg = make_config(GenerateConfig, preset, ["device=cpu", "prior.spec=anny", *overrides])
@@ -151,7 +132,8 @@ def stage_parts(stage_name: str, preset: str, overrides: list[str], repeats: int
 
     def field_render():
         cams = sample_cameras(1, cfg.cameras, st.resolution, gen, device)
-        out, regs = stage.render(cams, "lambertian", cams.eye, gen, 1)
+        look = StepLook("lambertian", cams.eye, 1.0, getattr(stage, "background", "white"))
+        out, regs = stage.render(cams, look, gen, 1)
         loss = out.rgb.mean() + sum(w * v for w, v in regs.values())
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,17 +208,37 @@ def flops_mode(args: argparse.Namespace, log) -> None:
     import flops
 
     from avatar.config import GenerateConfig, make_config
+    from avatar.guidance.architectures import sd15_models as build
 
-    cfg = make_config(GenerateConfig, args.preset, ["device=cpu"])
-    dtype = torch.float16 if cfg.guidance.half_precision else torch.float32
-    log("SD 1.5 architectures on the meta device")
-    sd = sd15_models("meta", dtype)
-    tiny = tiny_models() if not args.no_check else None
-    report = flops.quality_report(sd, tiny, preset=args.preset, cameras=args.flops_cameras, max_tets=args.max_tets,
-                                  log=log)
-    report["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
-                         "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    print(flops.markdown(report) if args.markdown else json.dumps(report, indent=2))
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
+    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    dtypes = {torch.float16 if make_config(GenerateConfig, p, ["device=cpu"]).guidance.half_precision
+              else torch.float32 for p in presets}
+    reports = {}
+    for dtype in dtypes:
+        log(f"SD 1.5 architectures (UNet, ControlNet, VAE, TAESD) on the meta device, {dtype}")
+        models = build("meta", dtype)
+        tiny = tiny_models() if not args.no_check else None
+        for preset in presets:
+            cfg = make_config(GenerateConfig, preset, ["device=cpu"])
+            if (torch.float16 if cfg.guidance.half_precision else torch.float32) != dtype:
+                continue
+            log(f"preset {preset}")
+            reports[preset] = flops.quality_report(
+                (models["unet"], models["controlnet"], models["vae"]), tiny, preset=preset,
+                cameras=args.flops_cameras, max_tets=args.max_tets, log=log, tiny_ae=models["tiny_ae"],
+                encoders=encoders)
+            tiny = None  # the meta-vs-real check once is enough
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpus": os.cpu_count()}
+    ordered = [reports[p] for p in presets]
+    if args.markdown:
+        print(flops.floor_markdown(ordered))
+        for report in ordered:
+            print()
+            print(flops.markdown(report))
+    else:
+        print(json.dumps({"presets": {p: reports[p] for p in presets}, "machine": machine}, indent=2))
 
 
 def _quality_dmtet() -> int:
@@ -256,7 +258,10 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true",
                         help="FLOPs, bytes moved and memory of one step by part, and its H100 projection")
     parser.add_argument("--markdown", action="store_true", help="with --flops: a markdown table instead of JSON")
-    parser.add_argument("--preset", default="quality", help="with --flops: the preset to cost (default quality)")
+    parser.add_argument("--preset", default="fast,quality",
+                        help="with --flops: the presets to cost, comma-separated (default fast,quality)")
+    parser.add_argument("--encoders", default="sd,tiny-ae",
+                        help="with --flops: the image encoders to compare, comma-separated (default sd,tiny-ae)")
     parser.add_argument("--flops-cameras", type=int, default=3,
                         help="with --flops: random cameras per shading the field parts are averaged over")
     parser.add_argument("--max-tets", type=int, default=16_000_000,

@@ -171,3 +171,50 @@ def test_resizing_scales_work_not_launches():
     assert (big.kernels, big.syncs) == (3, 1)
     mixed = flops.Count.mean([c, big], [0.5, 0.5])
     assert mixed.flops == 25 and mixed.kernels == 3
+
+
+def _tiny_taesd():
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    ae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                         num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).eval()
+    return ae.requires_grad_(False)
+
+
+def test_the_tiny_ae_encoder_is_costed_through_the_guidance_encoder_and_against_the_floor(tiny_models):
+    unet, controlnet, vae = _on_meta(copy.deepcopy(tiny_models))
+    (taesd,) = _on_meta([_tiny_taesd()])
+    kw = dict(batch=1, render_resolutions={"coarse": 8, "fine": 32}, vae_resolution=32, p_control=1.0,
+              dtype=torch.float16)
+    sd = flops.diffusion_parts(unet, controlnet, vae, **kw)
+    tiny = flops.diffusion_parts(unet, controlnet, taesd, **kw)
+    assert flops.encoder_name(taesd) == "tiny-ae" and flops.encoder_name(vae) == "sd"
+    assert "TAESD" in tiny["vae_encode"]["fine"].note and "SD VAE" in sd["vae_encode"]["fine"].note
+    enc = tiny["vae_encode"]["fine"].count
+    assert enc.flops > 0 and enc.saved_bytes > 0  # forward and backward to the image
+    # Same latents for the UNet: the floor is the same whichever encoder.
+    assert tiny["unet_cfg"].count.flops == sd["unet_cfg"].count.flops
+    stages = {"fine": {"vae_encode": tiny["vae_encode"]["fine"], "unet_cfg": tiny["unet_cfg"]}}
+    ratio = flops.floor_ratios(stages)["fine"]
+    floor = tiny["unet_cfg"].count.flops
+    assert ratio["flops_over_floor"] == pytest.approx((floor + enc.flops) / floor, rel=1e-3)
+    assert ratio["time_over_floor"] >= 1.0 and ratio["floor_ms"] > 0
+    # An encoder that runs on half the steps costs half per step, but its activations still peak.
+    half = flops._amortise_encoder(stages, {"fine": 0.5})["fine"]["vae_encode"].count
+    assert half.flops == enc.flops / 2 and half.saved_bytes == enc.saved_bytes
+
+
+def test_floor_table_per_preset_and_encoder():
+    row = {"step_tflop": 2.4, "floor_tflop": 2.2, "flops_over_floor": 1.09, "step_ms": 6.0, "floor_ms": 5.5,
+           "time_over_floor": 1.09}
+    report = {"preset": "fast", "encoder": "tiny-ae", "by_encoder": {
+        "tiny-ae": {"minutes_per_avatar": 1.5, "goal_minutes": 5.0, "met": True, "floor_goal": 1.2,
+                    "floor_goal_met": True, "encoder_tflop": {"coarse": 0.25, "fine": 0.25},
+                    "step_over_floor": {"coarse": row, "fine": row}},
+        "sd": {"minutes_per_avatar": 3.0, "goal_minutes": 5.0, "met": True,
+               "encoder_tflop": {"coarse": 2.3, "fine": 2.3}, "step_over_floor": {"coarse": row, "fine": row}}}}
+    table = flops.floor_markdown([report])
+    assert table.count("\n") == 1 + 4  # header, rule, two stages for each of two encoders
+    assert "| fast | tiny-ae (preset) | coarse |" in table and "step <= 1.2x floor" in table
+    assert "| 1.09x |" in table and "met (<= 5 min)" in table

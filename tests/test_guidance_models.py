@@ -389,7 +389,7 @@ def test_memory_options_on_the_cpu(tiny_dir):
         out = modules["unet"](x, torch.tensor([10]), encoder_hidden_states=torch.randn(1, 77, 32)).sample
     assert out.shape == x.shape
     report = memory_options_report()
-    assert set(report) == {"fp16", "attention_slicing", "cpu_offload", "channels_last", "torch_compile"}
+    assert set(report) == {"fp16", "bf16", "attention_slicing", "cpu_offload", "channels_last", "torch_compile"}
     assert all(isinstance(e["available"], bool) and e["reason"] for e in report.values())
 
 

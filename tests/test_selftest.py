@@ -28,7 +28,8 @@ NATIVE_OPS = {
     "antialias": {"avatar::antialias_analysis"},
 }
 CPU_CHECKS = ["native build", *NATIVE_OPS, "generate tiny", "generate oracle", "sds fp32", "sds attention slicing"]
-CUDA_ONLY = ["hashgrid fp16 table", "nvdiffrast", "tiny-cuda-nn", "sds fp16", "sds cpu offload"]
+TIMED_STEPS = [f"sds step {enc} {prec}" for prec in ("fp32", "fp16", "bf16") for enc in ("sd", "tiny-ae")]
+CUDA_ONLY = ["hashgrid fp16 table", "nvdiffrast", "tiny-cuda-nn", "sds fp16", "sds cpu offload", *TIMED_STEPS]
 
 
 def selftest(*args: str):
@@ -68,6 +69,7 @@ def test_cpu_subset_passes_with_native_kernels_serving():
         assert "coarse loss" in notes and "fine loss" in notes and "moved" in notes
 
 
+@pytest.mark.cuda  # it skips where a CUDA device is present
 def test_cuda_only_checks_are_skipped_with_a_reason_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: these checks run")
@@ -78,6 +80,28 @@ def test_cuda_only_checks_are_skipped_with_a_reason_without_cuda():
     for check in checks.values():
         assert check["status"] == "skip" and check["device"] == "cuda"
         assert "no CUDA device" in check["reason"]
+
+
+def test_timed_steps_run_one_sds_step_per_encoder_and_report_it_against_the_floor(one_thread):
+    """What ``sds step <encoder> <precision>`` does on a GPU, run here with the tiny models in
+    place of SD 1.5's (the checks themselves are CUDA-only, listed as skipped above)."""
+    from avatar.guidance.tiny import TINY_IMAGE_SIZE, build_tiny_components
+    from avatar.selftest.core import context_for
+    from avatar.selftest.pipeline_checks import timed_sds_step
+
+    c = build_tiny_components(0)
+    models = {"unet": c["unet"], "controlnet": c["controlnets"]["controlnet-landmark"], "vae": c["vae"],
+              "tiny_ae": c["tiny_ae"]}
+    for m in models.values():
+        m.requires_grad_(False)
+    ctx = context_for(torch.device("cpu"))
+    for encoder in ("sd", "tiny-ae"):
+        outcome = timed_sds_step(ctx, encoder, "fp32", models=models, resolution=TINY_IMAGE_SIZE)
+        notes = dict(n.split("=") for n in outcome.notes)
+        assert set(notes) == {"step_ms", "floor_ms", "step_over_floor"}
+        assert float(notes["step_ms"]) > 0 and float(notes["floor_ms"]) > 0
+        assert ("TAESD" in outcome.size) == (encoder == "tiny-ae")
+        assert outcome.native_seconds > 0
 
 
 def test_a_wrong_reference_fails_the_command(monkeypatch):

@@ -3,10 +3,11 @@ ControlNet, identity-aware editing score distillation (IESD), and the oracle.
 
 Modules, lowest first: :mod:`.errors`, :mod:`.tiny` (random offline models),
 :mod:`.models` (loading), :mod:`.memory` (GPU memory switches), :mod:`.prompts`
-(view prompts, embedding cache, textual inversion), :mod:`.sds` (the SDS math and the
-text-to-image noise predictor), :mod:`.iesd`, :mod:`.oracle`, and :mod:`.factory`
-(build one from the config). Importing this package is cheap: torch and diffusers
-load when a name below is first used.
+(view prompts, embedding cache, textual inversion), :mod:`.sds` (the SDS math, the image
+encoders: SD's VAE and TAESD, and the text-to-image noise predictor), :mod:`.iesd`,
+:mod:`.oracle`, :mod:`.factory` (build one from the config), and :mod:`.architectures`
+(SD 1.5's architectures at random weights, for costing and timing a step). Importing this
+package is cheap: torch and diffusers load when a name below is first used.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EXPORTS = {
     "TimestepSchedule": "sds",
     "load_diffusion_model": "models",
     "load_controlnet": "models",
+    "load_tiny_autoencoder": "models",
     "local_cache_status": "models",
     "memory_options_report": "memory",
 }

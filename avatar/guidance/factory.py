@@ -4,7 +4,9 @@
 ``make_edit_guidance`` (editing: IESD, InstructPix2Pix, or the IESD oracle) load the
 components (:mod:`.models`), encode the prompts once (:mod:`.prompts`), free the text
 encoder, apply the memory options (:mod:`.memory`) and hand everything to a
-:class:`~avatar.guidance.sds.ScoreDistillation`.
+:class:`~avatar.guidance.sds.ScoreDistillation`, whose image encoder is the model's VAE
+(``guidance.encoder=sd``) or TAESD (``tiny-ae``). InstructPix2Pix's image latents always come
+from the SD VAE (its posterior mode, as the model was trained).
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ from avatar.guidance.iesd import IESDPredictor, InstructPix2PixPredictor
 from avatar.guidance.memory import MemoryOptions, apply_memory_options, guidance_dtype
 from avatar.guidance.oracle import OracleEditPredictor, OraclePredictor, RenderFn
 from avatar.guidance.prompts import TextEmbedder, encode_view_prompts, file_digest, load_back_view_embedding
-from avatar.guidance.sds import RGBEncoder, ScoreDistillation, TextToImagePredictor, TimestepSchedule, VAEEncoder
+from avatar.guidance.sds import (
+    RGBEncoder,
+    ScoreDistillation,
+    TextToImagePredictor,
+    TimestepSchedule,
+    TinyAEEncoder,
+    VAEEncoder,
+)
 
 EDIT_MODES = ("iesd", "ip2p")
+ENCODERS = ("sd", "tiny-ae")
+"""``guidance.encoder``: the model's own VAE, or TAESD (:class:`~avatar.guidance.sds.TinyAEEncoder`)."""
 
 TINY_NOTICE = ("guidance 'tiny' has random weights: it exercises the pipeline, its images mean nothing")
 ORACLE_NOTICE = "oracle guidance: reconstructs a known mesh (a diagnostic, not generation)"
@@ -71,9 +82,28 @@ def _memory(cfg: Any, base: Any = None) -> MemoryOptions:
     def get(name: str, default: bool) -> bool:
         return bool(_opt(cfg, name, _opt(base, name, default)))
 
-    return MemoryOptions(half_precision=get("half_precision", True), attention_slicing=get("attention_slicing", False),
-                         cpu_offload=get("cpu_offload", False), channels_last=get("channels_last", False),
-                         compile=get("compile", False))
+    return MemoryOptions(half_precision=get("half_precision", True),
+                         half_dtype=str(_opt(cfg, "half_dtype", _opt(base, "half_dtype", "auto"))),
+                         attention_slicing=get("attention_slicing", False), cpu_offload=get("cpu_offload", False),
+                         channels_last=get("channels_last", False), compile=get("compile", False))
+
+
+def _encoder_name(name: str) -> str:
+    name = str(name).strip().lower()
+    if name not in ENCODERS:
+        raise GuidanceError(f"unknown guidance.encoder '{name}': choose one of {', '.join(ENCODERS)}")
+    return name
+
+
+def _load_encoder(name: str, spec: str, tiny: bool, dtype: Any, where: torch.device, modules: dict[str, Any],
+                  records: dict[str, Any], keep_vae: bool = False) -> None:
+    """For ``tiny-ae``: load TAESD (the tiny family's own with ``tiny``) into ``modules['tiny_ae']``
+    before the memory options are applied to it, and drop the SD VAE from ``modules`` unless
+    ``keep_vae`` (InstructPix2Pix's image latents need it); ``sd`` uses the model's VAE, already loaded."""
+    if name == "tiny-ae":
+        modules["tiny_ae"], records["tiny_ae"] = M.load_tiny_autoencoder("tiny" if tiny else spec, dtype, where)
+        if not keep_vae:
+            modules.pop("vae", None)
 
 
 def _load_device(device: torch.device, opts: MemoryOptions) -> torch.device:
@@ -120,7 +150,8 @@ def make_guidance(cfg: Any, prompt: str, device: Any = "cpu", *, seed: int = 0,
                                     total_steps=total_steps, anneal=anneal, anneal_to=anneal_to,
                                     weighting=weighting, grad_clip=grad_clip, mesh=mesh)
     opts = _memory(cfg)
-    dtype = guidance_dtype(device, opts.half_precision)
+    encoder = _encoder_name(_opt(cfg, "encoder", "sd"))
+    dtype = guidance_dtype(device, opts.half_precision, opts.half_dtype)
     where = _load_device(device, opts)
     tiny = M.is_tiny(cfg.model)
     model = M.load_diffusion_model(cfg.model, M.TEXT2IMG, dtype, where)
@@ -132,6 +163,7 @@ def make_guidance(cfg: Any, prompt: str, device: Any = "cpu", *, seed: int = 0,
         net, records["controlnet"] = M.load_controlnet("tiny" if tiny else cn_spec, M.LANDMARK_CONTROLNET, dtype,
                                                        where)
         modules["controlnet"] = net
+    _load_encoder(encoder, _opt(cfg, "tiny_ae", M.DEFAULT_TINY_AE), tiny, dtype, where, modules, records)
     back_token, ti_digest = None, ""
     if cfg.back_view_embedding:
         back_token = load_back_view_embedding(cfg.back_view_embedding, model)
@@ -147,7 +179,7 @@ def make_guidance(cfg: Any, prompt: str, device: Any = "cpu", *, seed: int = 0,
     predictor = TextToImagePredictor(modules["unet"], prompts, cfg.guidance_scale, modules.get("controlnet"),
                                      cfg.controlnet_scale, dtype=dtype)
     resolution = _tiny.TINY_IMAGE_SIZE if tiny else _opt(cfg, "vae_resolution", 512)
-    return _diffusion_sds(predictor, model, modules["vae"], resolution, dtype, tiny,
+    return _diffusion_sds(predictor, model, modules, resolution, dtype, tiny, opts.compile,
                           _schedule(t_range, total_steps, anneal, anneal_to, len(model.scheduler.alphas_cumprod)),
                           weighting, grad_clip, seed, device, records, notes + applied)
 
@@ -193,7 +225,8 @@ def make_edit_guidance(cfg: Any, source_prompt: str, instruction: str, device: A
     if mode not in EDIT_MODES:
         raise GuidanceError(f"unknown edit guidance mode '{mode}': choose one of {', '.join(EDIT_MODES)}")
     opts = _memory(cfg, base)
-    dtype = guidance_dtype(device, opts.half_precision)
+    encoder = _encoder_name(inherit("encoder", "sd"))
+    dtype = guidance_dtype(device, opts.half_precision, opts.half_dtype)
     where = _load_device(device, opts)
     tiny = M.is_tiny(cfg.model)
     notes: list[str] = [TINY_NOTICE] if tiny else []
@@ -206,7 +239,11 @@ def make_edit_guidance(cfg: Any, source_prompt: str, instruction: str, device: A
         # InstructPix2Pix is trained on bare instructions; its "no text" condition is the empty prompt.
         instruction_embeds = encode_view_prompts(embedder, instruction, "", view_dependent=False)
         _free_text_encoder(model)
-        modules, applied = apply_memory_options({"unet": model.unet, "vae": model.vae}, device, opts)
+        modules = {"unet": model.unet, "vae": model.vae}
+        _load_encoder(encoder, inherit("tiny_ae", M.DEFAULT_TINY_AE), tiny, dtype, where, modules, records,
+                      keep_vae=True)
+        modules, applied = apply_memory_options(modules, device, opts)
+        # The image latents InstructPix2Pix is conditioned on stay the SD VAE's (its posterior mode).
         predictor: Any = InstructPix2PixPredictor(
             modules["unet"], modules["vae"], instruction_embeds, text_scale=cfg.guidance_scale,
             image_scale=cfg.image_guidance_scale, dtype=dtype)
@@ -228,6 +265,7 @@ def make_edit_guidance(cfg: Any, source_prompt: str, instruction: str, device: A
         if id_spec:
             modules["controlnet_identity"], records["identity_controlnet"] = M.load_controlnet(
                 "tiny" if tiny else id_spec, M.IDENTITY_CONTROLNET, dtype, where)
+        _load_encoder(encoder, inherit("tiny_ae", M.DEFAULT_TINY_AE), tiny, dtype, where, modules, records)
         back_token, ti_digest = None, ""
         back_file = inherit("back_view_embedding", "")
         if back_file:
@@ -247,18 +285,24 @@ def make_edit_guidance(cfg: Any, source_prompt: str, instruction: str, device: A
             edit_weight=strength, landmark_scale=inherit("controlnet_scale", 1.0),
             identity_scale=_opt(cfg, "identity_controlnet_scale", 1.0), dtype=dtype)
     resolution = _tiny.TINY_IMAGE_SIZE if tiny else inherit("vae_resolution", 512)
-    return _diffusion_sds(predictor, model, modules["vae"], resolution, dtype, tiny,
+    return _diffusion_sds(predictor, model, modules, resolution, dtype, tiny, opts.compile,
                           _schedule(t_range, total_steps, anneal, anneal_to, len(model.scheduler.alphas_cumprod)),
                           weighting, grad_clip, seed, device, records, notes + applied)
 
 
-def _diffusion_sds(predictor: Any, model: Any, vae: Any, resolution: int, dtype: Any, tiny: bool,
-                   timesteps: TimestepSchedule, weighting: str, grad_clip: float, seed: int, device: Any,
-                   records: Any, notes: list[str]) -> ScoreDistillation:
-    """The score distillation both text-to-image and editing guidance end in: the
-    model's noise schedule and its VAE as the image encoder."""
+def _diffusion_sds(predictor: Any, model: Any, modules: dict[str, Any], resolution: int, dtype: Any, tiny: bool,
+                   compile: bool, timesteps: TimestepSchedule, weighting: str, grad_clip: float, seed: int,
+                   device: Any, records: Any, notes: list[str]) -> ScoreDistillation:
+    """The score distillation both text-to-image and editing guidance end in: the model's noise
+    schedule, and as the image encoder TAESD where it was loaded (``modules['tiny_ae']``), else
+    the model's VAE."""
+    if "tiny_ae" in modules:
+        encoder: Any = TinyAEEncoder(modules["tiny_ae"], resolution, dtype, compile=compile)
+        notes = [*notes, "image encoder: tiny-ae (TAESD)"]
+    else:
+        encoder = VAEEncoder(modules["vae"], resolution, dtype, compile=compile)
     return ScoreDistillation(
-        predictor, model.scheduler.alphas_cumprod, encoder=VAEEncoder(vae, resolution, dtype),
+        predictor, model.scheduler.alphas_cumprod, encoder=encoder,
         timesteps=timesteps, weighting=weighting,
         grad_clip=grad_clip, seed=seed, device=device, kind="tiny" if tiny else "diffusion", records=records,
         notes=notes,

@@ -12,6 +12,10 @@ Every source goes through diffusers' (and transformers') own ``from_pretrained``
   cache folder and the offline options;
 - ``tiny`` builds (once) and reads the random models of :mod:`avatar.guidance.tiny`.
 
+The components: a Stable Diffusion-shaped pipeline (:func:`load_diffusion_model`), ControlNets
+(:func:`load_controlnet`) and TAESD, the tiny autoencoder of ``guidance.encoder=tiny-ae``
+(:func:`load_tiny_autoencoder`).
+
 Loading is kept apart from the math (:mod:`.sds`, :mod:`.iesd`, :mod:`.oracle`), which
 receives components and never fetches them. Each loader returns a record
 ``{"spec", "kind", "id", "subfolder", "revision"}`` that a run stores.
@@ -35,6 +39,7 @@ TEXT2IMG = "text2img"
 INSTRUCT_PIX2PIX = "ip2p"
 LANDMARK_CONTROLNET = "landmark_controlnet"
 IDENTITY_CONTROLNET = "identity_controlnet"
+TINY_AE = "tiny_ae"
 
 DEFAULT_TEXT2IMG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_LANDMARK_CONTROLNET = "CrucibleAI/ControlNetMediaPipeFace"
@@ -43,6 +48,8 @@ LANDMARK_CONTROLNET_SUBFOLDER = "diffusion_sd15"
 (diffusers layout) in this subfolder."""
 DEFAULT_INSTRUCT_PIX2PIX = "timbrooks/instruct-pix2pix"
 DEFAULT_IDENTITY_CONTROLNET = "lllyasviel/control_v11e_sd15_ip2p"
+DEFAULT_TINY_AE = "madebyollin/taesd"
+"""TAESD for SD 1.x/2.x latents, in diffusers' ``AutoencoderTiny`` layout (config.json at the top)."""
 
 KNOWN_SUBFOLDERS = {DEFAULT_LANDMARK_CONTROLNET: LANDMARK_CONTROLNET_SUBFOLDER}
 """Hub repositories whose SD 1.5 weights live in a subfolder."""
@@ -59,9 +66,12 @@ _ROLE_TEXT = {
                           "--set guidance.controlnet= (run without landmark control) or --guidance tiny"),
     IDENTITY_CONTROLNET: ("InstructPix2Pix ControlNet", "--set guidance.identity_controlnet=DIR (a local diffusers "
                           "folder) or --guidance tiny"),
+    TINY_AE: ("tiny autoencoder (TAESD)", "--set guidance.tiny_ae=DIR (a local diffusers folder), "
+              "--set guidance.encoder=sd (encode with the model's own VAE) or --guidance tiny"),
 }
 _TINY_FOLDER = {TEXT2IMG: _tiny.TEXT2IMG, INSTRUCT_PIX2PIX: _tiny.INSTRUCT_PIX2PIX,
-                LANDMARK_CONTROLNET: _tiny.LANDMARK_CONTROLNET, IDENTITY_CONTROLNET: _tiny.IDENTITY_CONTROLNET}
+                LANDMARK_CONTROLNET: _tiny.LANDMARK_CONTROLNET, IDENTITY_CONTROLNET: _tiny.IDENTITY_CONTROLNET,
+                TINY_AE: _tiny.TINY_AE}
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/[\w.\-]+)*$")
 
 
@@ -144,7 +154,8 @@ def download_command(ws: WeightsSpec, role: str) -> str:
         pats = ["model_index.json", "*/*.json", "*/*.txt", "text_encoder/model.safetensors",
                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
     else:
-        # Some ControlNet repositories hold only an fp16 variant: take whichever safetensors exist.
+        # Some ControlNet repositories hold only an fp16 variant: take whichever safetensors exist
+        # (TAESD's repository is laid out like a ControlNet's: config.json and the weights at the top).
         prefix = f"{ws.subfolder}/" if ws.subfolder else ""
         pats = [f"{prefix}config.json", f"{prefix}diffusion_pytorch_model*.safetensors"]
     if ws.subfolder and role in (TEXT2IMG, INSTRUCT_PIX2PIX):
@@ -281,8 +292,9 @@ _shared: dict[tuple[Any, ...], Any] | None = None
 
 
 def keep_models_loaded() -> None:
-    """From now on, :func:`load_diffusion_model` and :func:`load_controlnet` keep the UNet, VAE,
-    scheduler and ControlNets they load and hand the same modules to later calls with the same
+    """From now on, :func:`load_diffusion_model`, :func:`load_controlnet` and
+    :func:`load_tiny_autoencoder` keep the UNet, VAE, scheduler, ControlNets and TAESD they load
+    and hand the same modules to later calls with the same
     spec, role, dtype and device, for the rest of the process. A batch worker calls this once so
     that it reads the weights once for all its prompts. The modules are shared, so callers must
     not change them (the guidance only reads them; text encoders are never shared)."""
@@ -408,6 +420,26 @@ def load_controlnet(spec: str, role: str = LANDMARK_CONTROLNET, dtype: Any = Non
     net.requires_grad_(False).eval().to(device)
     _shared_put(key, (net, dict(record)))
     return net, record
+
+
+def load_tiny_autoencoder(spec: str, dtype: Any = None, device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """An ``AutoencoderTiny`` (TAESD: ``madebyollin/taesd`` by default) and its record, through the
+    same hub / local folder / ``tiny`` paths as the other components. Its latents are already in
+    the UNet's scale (its config's ``scaling_factor`` is 1.0)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    dtype = dtype or torch.float32
+    ws = parse_weights_spec(spec, TINY_AE)
+    key = _shared_key("tiny_ae", ws, TINY_AE, dtype, device)
+    hit = _shared_get(key)
+    if hit is not None:
+        return hit[0], dict(hit[1])
+    record = _new_record(ws, TINY_AE)
+    ae = _load_component(AutoencoderTiny, ws, TINY_AE, None, ("config.json",), dtype, record)
+    ae.requires_grad_(False).eval().to(device)
+    _shared_put(key, (ae, dict(record)))
+    return ae, record
 
 
 def noise_schedule(num_train_timesteps: int = 1000) -> Any:

@@ -160,12 +160,19 @@ class ViewPromptEmbeddings:
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def select(self, views: list[str], device: Any = "cpu", dtype: Any = None) -> tuple[Any, Any]:
-        """(cond ``(B, L, D)``, uncond ``(B, L, D)``) for the cameras' view labels."""
+        """(cond ``(B, L, D)``, uncond ``(B, L, D)``) for the cameras' view labels.
+
+        Each combination of labels is put on the device once per run and kept: later steps reuse
+        it (no host-to-device copy, no cast). The tensors are shared: do not change them in place."""
         import torch
 
-        cond = torch.stack([self.cond[v] for v in views]).to(device=device, dtype=dtype)
-        uncond = self.negative.unsqueeze(0).expand(len(views), -1, -1).to(device=device, dtype=dtype)
-        return cond, uncond
+        key = (tuple(views), str(device), dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            cond = torch.stack([self.cond[v] for v in views]).to(device=device, dtype=dtype)
+            uncond = self.negative.to(device=device, dtype=dtype).unsqueeze(0).expand(len(views), -1, -1)
+            hit = self._cache[key] = (cond, uncond)
+        return hit
 
 
 def encode_view_prompts(embed: TextEmbedder, prompt: str, negative_prompt: str = "", *,

@@ -10,6 +10,8 @@ like the real Hugging Face repositories and loads them back through the same
 ``instruct-pix2pix/``       the same with an 8-input-channel UNet (noisy latents + image latents)
 ``controlnet-landmark/``    a ControlNet matching the tiny UNet (stands in for the MediaPipe-face one)
 ``controlnet-ip2p/``        a second ControlNet (stands in for ``control_v11e_sd15_ip2p``)
+``tiny-ae/``                an ``AutoencoderTiny`` with the tiny VAE's downsampling (stands in for
+                            TAESD, ``madebyollin/taesd``)
 
 The tokenizer is a real ``CLIPTokenizer`` over a byte-level BPE vocabulary that we
 train here with the ``tokenizers`` library from the project's prompt files plus the
@@ -30,14 +32,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 """Bumped whenever the tiny architecture or its build changes (a new cache folder is used)."""
 
 TEXT2IMG = "stable-diffusion"
 INSTRUCT_PIX2PIX = "instruct-pix2pix"
 LANDMARK_CONTROLNET = "controlnet-landmark"
 IDENTITY_CONTROLNET = "controlnet-ip2p"
-TINY_FOLDERS = (TEXT2IMG, INSTRUCT_PIX2PIX, LANDMARK_CONTROLNET, IDENTITY_CONTROLNET)
+TINY_AE = "tiny-ae"
+TINY_FOLDERS = (TEXT2IMG, INSTRUCT_PIX2PIX, LANDMARK_CONTROLNET, IDENTITY_CONTROLNET, TINY_AE)
 
 TINY_IMAGE_SIZE = 64
 """Image size fed to the tiny VAE (it downsamples by 2: 64 px -> 32x32 latents), the tiny
@@ -173,10 +176,18 @@ def _unet_kwargs() -> dict:
     )
 
 
+def tiny_autoencoder_kwargs() -> dict:
+    """An ``AutoencoderTiny`` (TAESD's architecture) shrunk like the tiny VAE: 2 blocks, so it
+    downsamples by 2 as the tiny VAE does (TAESD's 4 blocks downsample by 8, as SD's VAE)."""
+    return dict(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                num_decoder_blocks=(1, 1), latent_channels=4)
+
+
 def build_tiny_components(seed: int = 0) -> dict:
-    """Seeded random components (not saved): tokenizer, text encoder, UNets, VAE, scheduler, ControlNets."""
+    """Seeded random components (not saved): tokenizer, text encoder, UNets, VAE, scheduler, ControlNets
+    and a tiny autoencoder."""
     import torch
-    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab, merges = train_clip_bpe(prompt_corpus())
@@ -204,13 +215,15 @@ def build_tiny_components(seed: int = 0) -> dict:
             net = ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(8, 16), **kwargs).eval()
             _randomise_zero_convs(net)
             controlnets[name] = net
+        tiny_ae = AutoencoderTiny(**tiny_autoencoder_kwargs()).eval()
     # SD 1.5's noise schedule (its scheduler_config.json), with DDIM as HeadSculpt uses.
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
     return {"vocab": vocab, "merges": merges, "tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet,
-            "ip2p_unet": ip2p_unet, "vae": vae, "scheduler": scheduler, "controlnets": controlnets}
+            "ip2p_unet": ip2p_unet, "vae": vae, "scheduler": scheduler, "controlnets": controlnets,
+            "tiny_ae": tiny_ae}
 
 
 def save_tiny_models(folder: Path, seed: int = 0) -> None:
@@ -228,6 +241,13 @@ def save_tiny_models(folder: Path, seed: int = 0) -> None:
         write_clip_tokenizer(folder / sub / "tokenizer", c["vocab"], c["merges"])
     for name, net in c["controlnets"].items():
         net.save_pretrained(folder / name)
+    c["tiny_ae"].save_pretrained(folder / TINY_AE)
+    # AutoencoderTiny records block_out_channels (the decoder's) in its config but does not take it
+    # back, and diffusers warns about it on every load: drop it (the loader would ignore it).
+    config_path = folder / TINY_AE / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("block_out_channels", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     info = {"tiny_version": TINY_VERSION, "seed": seed, "image_size": TINY_IMAGE_SIZE,
             "note": "random weights: for plumbing, tests and CPU smoke runs only"}
     (folder / "avatar_tiny.json").write_text(json.dumps(info, indent=2))

@@ -4,8 +4,10 @@ On each device (``cpu`` always, each ``cuda:i`` present): every native op agains
 PyTorch reference in values and gradients, with its speed against the reference;
 nvdiffrast and tiny-cuda-nn against ours where installed; a few steps of a tiny and
 of an oracle generation; one score-distillation backward through the VAE in each
-memory mode. CUDA runs production sizes (2^24 points, 2^22-point table gradients,
-screen-filling and w < 0 triangles at 2048^2); the CPU subset is sized to run in about
+memory mode; and on CUDA one timed score-distillation step of SD 1.5's architectures per
+image encoder (SD's VAE, TAESD) and precision (fp32, fp16, bf16), against its floor. CUDA
+runs production sizes (2^24 points, 2^22-point table gradients, screen-filling and w < 0
+triangles at 2048^2); the CPU subset is sized to run in about
 a minute on two cores, and CI runs it. No network is used.
 
 :func:`run_selftest` returns the report (a dict, what ``--json`` prints);
@@ -51,6 +53,8 @@ def _checks() -> list[CheckSpec]:
         CheckSpec("sds attention slicing", p.check_sds_slicing),
         CheckSpec("sds fp16", p.check_sds_fp16, cuda_only=True),
         CheckSpec("sds cpu offload", p.check_sds_offload, cuda_only=True),
+        *[CheckSpec(name, fn, cuda_only=True, description="one timed SDS step of SD 1.5's architectures")
+          for name, fn in p.TIMED_STEP_CHECKS],
     ]
 
 

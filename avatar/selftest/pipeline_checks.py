@@ -12,6 +12,14 @@ VAE in each memory mode.
   attention slicing and CPU offload (the same fp32 math in another order), 5e-2 for fp16
   (11-bit significands through the UNet, classifier-free guidance at 7.5 and the VAE's
   backward).
+- ``sds step <encoder> <precision>`` (CUDA only): one timed score-distillation step of Stable
+  Diffusion 1.5's real architectures at random weights (UNet, the MediaPipe ControlNet's
+  architecture, and SD's VAE or TAESD as the image encoder; no weights or network needed), for
+  each encoder (``sd``, ``tiny-ae``) and precision (fp32, fp16, bf16): a 64x64 render resized to
+  512, encoded with its backward, the CFG batch of 2 through the UNet and ControlNet. Passes when
+  the render's gradient is finite and non-zero; its notes give the step's milliseconds, the
+  floor's (the UNet + ControlNet CFG forward alone) and their ratio (issue 16: <= 1.2x with
+  ``tiny-ae``).
 """
 
 from __future__ import annotations
@@ -165,7 +173,7 @@ def _sds_once(ctx: DeviceContext, half_precision: bool, attention_slicing: bool,
     from avatar.guidance import make_guidance
     from avatar.guidance.tiny import TINY_IMAGE_SIZE
 
-    cfg = GuidanceConfig(model="tiny", guidance_scale=7.5, half_precision=half_precision,
+    cfg = GuidanceConfig(model="tiny", guidance_scale=7.5, half_precision=half_precision, half_dtype="fp16",
                          attention_slicing=attention_slicing, cpu_offload=cpu_offload)
     guidance = make_guidance(cfg, SDS_PROMPT, ctx.device, seed=0)
     size = TINY_IMAGE_SIZE
@@ -232,3 +240,121 @@ def check_sds_offload(ctx: DeviceContext) -> Outcome:
     _applied(notes, "cpu_offload")
     cmp: list[Comparison] = [compare("grad images vs fp32", grad, base, SDS_OFFLOAD_TOL)]
     return Outcome(cmp, "tiny guidance, 2 x 64x64")
+
+
+# ---------------------------------------------------------------------------
+# One timed step of SD 1.5's architectures per encoder and precision (issue 16)
+
+STEP_ENCODERS = ("sd", "tiny-ae")
+STEP_PRECISIONS = ("fp32", "fp16", "bf16")
+STEP_RENDER = 64
+"""The coarse stage's render size; the encoder sees it resized to 512 either way."""
+
+
+def _sd15_on_device(ctx: DeviceContext, precision: str) -> dict[str, Any]:
+    """SD 1.5's models at random weights in ``precision`` on the device, kept for the checks of the
+    same precision (one precision at a time: a workstation card holds one set)."""
+    from avatar.guidance.architectures import sd15_models
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    held = ctx.cache.get("sd15")
+    if held is not None and held[0] == precision:
+        return held[1]
+    ctx.cache.pop("sd15", None)
+    torch.cuda.empty_cache()
+    models = sd15_models(ctx.device, dtype)
+    ctx.cache["sd15"] = (precision, models)
+    return models
+
+
+def timed_sds_step(ctx: DeviceContext, encoder: str, precision: str, models: dict[str, Any] | None = None,
+                   resolution: int = 512) -> Outcome:
+    """One score-distillation step of SD 1.5's architectures (see the module docstring); ``models``
+    and ``resolution`` (the encoder's input size) replace them in tests."""
+    from avatar.guidance import models as M
+    from avatar.guidance.prompts import VIEWS, ViewPromptEmbeddings
+    from avatar.guidance.sds import (
+        ScoreDistillation,
+        TextToImagePredictor,
+        TinyAEEncoder,
+        VAEEncoder,
+        control_scale_factor,
+    )
+
+    if precision == "bf16" and ctx.is_cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise Skip("this GPU has no native bf16 (torch.cuda.is_bf16_supported() is False)")
+    try:
+        m = models if models is not None else _sd15_on_device(ctx, precision)
+    except torch.cuda.OutOfMemoryError:
+        ctx.cache.pop("sd15", None)
+        free = torch.cuda.mem_get_info(ctx.device)[0] / 2**30
+        raise Skip(f"not enough GPU memory for SD 1.5 in {precision} ({free:.1f} GiB free)") from None
+    dtype = next(m["unet"].parameters()).dtype
+    enc: Any = (TinyAEEncoder(m["tiny_ae"], resolution, dtype) if encoder == "tiny-ae"
+                else VAEEncoder(m["vae"], resolution, dtype))
+    dim = m["unet"].config.cross_attention_dim
+    control_px = resolution // enc.scale_factor * control_scale_factor(m["controlnet"])
+    with seeded(3):
+        text = {v: torch.randn(77, dim) for v in VIEWS}
+        prompts = ViewPromptEmbeddings("selftest", {}, text, "", torch.randn(77, dim))
+        images = torch.rand(1, STEP_RENDER, STEP_RENDER, 3, device=ctx.device)
+        control = torch.rand(1, control_px, control_px, 3, device=ctx.device)
+    predictor = TextToImagePredictor(m["unet"], prompts, 100.0, m["controlnet"], 1.0, dtype=dtype)
+    sds = ScoreDistillation(predictor, M.noise_schedule().alphas_cumprod, encoder=enc, seed=0, device=ctx.device)
+    grads: list[torch.Tensor] = []
+
+    def step() -> None:
+        x = images.clone().requires_grad_()
+        out = sds.score_distillation(x, ["front"], control_images=control)
+        out.loss.backward()
+        grads[:] = [x.grad]
+
+    latents = sds.encoder.encode(images.permute(0, 3, 1, 2)).detach()
+    t = torch.tensor([500], device=ctx.device)
+
+    def floor() -> None:
+        with torch.no_grad():
+            predictor(latents, t, _front_batch(control))
+
+    try:
+        step()  # warm-up (cuDNN picks its algorithms)
+        floor()
+        step_s = ctx.timed(step)
+        floor_s = ctx.timed(floor)
+    except torch.cuda.OutOfMemoryError:
+        ctx.cache.pop("sd15", None)
+        raise Skip(f"not enough GPU memory for one SD 1.5 step in {precision}") from None
+    grad = grads[0]
+    if not bool(torch.isfinite(grad).all()):
+        raise CheckFailed(f"non-finite render gradient ({int((~torch.isfinite(grad)).sum())} elements)")
+    if float(grad.abs().max()) == 0.0:
+        raise CheckFailed("the render gradient is zero: nothing reaches the render through the encoder")
+    ratio = step_s / floor_s
+    name = "TAESD" if encoder == "tiny-ae" else "SD VAE"
+    what = "SD 1.5" if models is None else "given"
+    return Outcome([], f"{what} UNet + ControlNet + {name}, {precision}, 1 camera, {STEP_RENDER}px -> "
+                       f"{resolution}px",
+                   native_seconds=step_s,
+                   notes=[f"step_ms={step_s * 1e3:.2f}", f"floor_ms={floor_s * 1e3:.2f}",
+                          f"step_over_floor={ratio:.3f}"])
+
+
+def _front_batch(control: torch.Tensor) -> Any:
+    from avatar.guidance.sds import GuidanceBatch
+
+    return GuidanceBatch(cameras=None, views=["front"], control_images=control.permute(0, 3, 1, 2).float())
+
+
+def _timed_check(encoder: str, precision: str):
+    def check(ctx: DeviceContext) -> Outcome:
+        if not ctx.is_cuda:
+            raise Skip("no CUDA device")
+        return timed_sds_step(ctx, encoder, precision)
+
+    check.__name__ = f"check_sds_step_{encoder.replace('-', '_')}_{precision}"
+    return check
+
+
+TIMED_STEP_CHECKS = [(f"sds step {enc} {prec}", _timed_check(enc, prec))
+                     for prec in STEP_PRECISIONS for enc in STEP_ENCODERS]
+"""(name, check) per precision and encoder, ordered so each precision's models are built once."""
