@@ -44,7 +44,7 @@ def _one_mode(mode: str, prompts_file: str, out: str, cpus: int, preset: str, gu
 
         ray_module.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         ray = "local"
-    from avatar.pipeline.batch import run_batch
+    from avatar.batch import run_batch
 
     summary = run_batch(prompts_file, ray=ray, preset=preset, guidance=guidance, overrides=overrides,
                         output_root=out, progress=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from avatar.config import GenerateConfig, make_config
-from avatar.pipeline.batch import read_prompts, run_prompts
 from avatar.pipeline.generate import GenerateError
+from avatar.pipeline.prompts import read_prompts, run_prompts
 
 
 def test_read_prompts_skips_blank_and_comment_lines(tmp_path):
@@ -47,6 +47,15 @@ def test_run_prompts_continues_past_a_failure(tmp_path):
     assert cfg.prompt == ""  # the caller's config is not modified
 
 
+def test_a_prompt_that_cannot_start_leaves_no_run_folder(tmp_path):
+    cfg = make_config(GenerateConfig, "smoke", [f"output_root={tmp_path / 'runs'}",
+                                                f"guidance.model=oracle:{tmp_path / 'missing.obj'}"])
+    summary = run_prompts(cfg, ["a", "b"], progress=False)
+    assert summary["failed"] == 2 and all(r["run"] is None for r in summary["runs"])
+    assert "missing.obj" in summary["runs"][0]["error"]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 # ---------------------------------------------------------------------------
 # avatar batch: planning, the journal, the hooks and the errors (no runs)
 
@@ -57,7 +66,7 @@ def _write(path, text):
 
 
 def test_plan_batch_gives_each_prompt_a_fixed_folder_and_splits_overrides(tmp_path):
-    from avatar.pipeline.batch import plan_batch, task_folder
+    from avatar.batch import plan_batch, task_folder
 
     prompts = _write(tmp_path / "heads.txt", "an old sea captain\n# skip\na young elf\nan old sea captain\n")
     edits = _write(tmp_path / "edits.txt", "give him a red hat\n\ngive him a red hat\nmake him smile\n")
@@ -87,8 +96,8 @@ def test_plan_batch_gives_each_prompt_a_fixed_folder_and_splits_overrides(tmp_pa
 
 
 def test_plan_batch_rejects_bad_inputs_before_any_work(tmp_path, monkeypatch):
+    from avatar.batch import FAIL_ENV, BatchError, plan_batch
     from avatar.config import ConfigError
-    from avatar.pipeline.batch import FAIL_ENV, BatchError, plan_batch
 
     prompts = _write(tmp_path / "p.txt", "a\nb\n")
     with pytest.raises(GenerateError, match="holds no prompts"):
@@ -111,7 +120,7 @@ def test_plan_batch_rejects_bad_inputs_before_any_work(tmp_path, monkeypatch):
 def test_export_without_the_export_pipeline_is_refused_up_front(tmp_path, monkeypatch):
     import sys
 
-    from avatar.pipeline.batch import BatchError, plan_batch
+    from avatar.batch import BatchError, plan_batch
 
     monkeypatch.setitem(sys.modules, "avatar.export", None)  # as before the export pipeline existed
     with pytest.raises(BatchError, match="export"):
@@ -121,7 +130,7 @@ def test_export_without_the_export_pipeline_is_refused_up_front(tmp_path, monkey
 def test_asking_for_ray_without_ray_names_the_extra(tmp_path, monkeypatch):
     import sys
 
-    from avatar.pipeline.batch import BatchError, run_batch
+    from avatar.batch import BatchError, run_batch
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(BatchError, match=r'pip install "avatar\[ray\]"'):
@@ -130,7 +139,7 @@ def test_asking_for_ray_without_ray_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_journal_counts_a_task_done_only_if_its_last_record_says_so_and_its_folder_exists(tmp_path):
-    from avatar.pipeline.batch import BatchJournal
+    from avatar.batch import BatchJournal
 
     journal = BatchJournal(tmp_path)
     a, b, c = (str(tmp_path / name) for name in ("a", "b", "c"))
@@ -172,7 +181,7 @@ def test_progress_table_shows_done_running_failed_steps_and_eta(tmp_path):
 
     from rich.console import Console
 
-    from avatar.pipeline.batch import TASK_STATE, BatchProgress, plan_batch
+    from avatar.batch import TASK_STATE, BatchProgress, plan_batch
 
     prompts = _write(tmp_path / "p.txt", "a\nb\nc\nd\n")
     _, tasks = plan_batch(prompts, preset="smoke", output_root=tmp_path / "out")
@@ -195,8 +204,8 @@ def test_progress_table_shows_done_running_failed_steps_and_eta(tmp_path):
 
 
 def test_export_settings_are_checked_before_any_work(tmp_path):
+    from avatar.batch import plan_batch
     from avatar.errors import AvatarError
-    from avatar.pipeline.batch import plan_batch
 
     prompts = _write(tmp_path / "p.txt", "a\n")
     with pytest.raises(AvatarError, match="gltf2"):
@@ -205,3 +214,76 @@ def test_export_settings_are_checked_before_any_work(tmp_path):
                           output_root=tmp_path / "out")
     assert tuple(tasks[0].export.formats) == ("glb",) and tasks[0].export.texture_size == 512
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Errors the user must fix: refused before any work, or failed at once, never retried
+
+
+def test_a_missing_guidance_folder_is_one_line_with_exit_code_2_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    prompts = _write(tmp_path / "p.txt", "a\nb\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "avatar.cli", "batch", str(prompts), "--guidance",
+                           str(tmp_path / "no-such-weights"), "--preset", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert "no-such-weights" in proc.stderr and "--guidance" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # no run folder, no journal
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("error, attempts, code", [
+    ("user", 1, 2),   # e.g. the guidance's weights are not in the cache and there is no network
+    ("crash", 3, 1),  # anything else is retried (from the checkpoint) twice
+])
+def test_a_task_that_fails_with_a_user_error_is_not_retried(tmp_path, monkeypatch, error, attempts, code):
+    import json
+
+    from typer.testing import CliRunner
+
+    from avatar.batch import JOURNAL, task
+    from avatar.cli import app
+    from avatar.guidance.errors import WeightsUnavailableError
+
+    calls = []
+
+    def failing_generate(t, attempt, guidance, state):
+        calls.append(attempt)
+        if error == "user":
+            raise WeightsUnavailableError("no weights for some/model in the local cache and no network: download "
+                                          "them with ... or pass --guidance DIR")
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(task, "_generate_phase", failing_generate)
+    prompts = _write(tmp_path / "p.txt", "a\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["batch", str(prompts), "--preset", "smoke", "--out", str(out)])
+    assert result.exit_code == code, result.output
+    assert calls == list(range(1, attempts + 1))
+    records = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
+    tasks = [r for r in records if "status" in r]
+    assert [r["status"] for r in tasks] == ["retrying"] * (attempts - 1) + ["failed"]
+    assert tasks[-1]["user_error"] is (error == "user")
+    if error == "user":  # the message itself, one line, as the CLI prints it
+        assert tasks[-1]["error"].startswith("no weights for some/model") and "\n" not in tasks[-1]["error"]
+        assert "no weights for some/model" in result.output
+    assert records[-1]["event"] == "end" and records[-1]["user_errors"] == (1 if error == "user" else 0)
+
+
+def test_a_task_folder_with_checkpoints_but_no_config_is_an_error_not_a_fresh_run(tmp_path):
+    from avatar.batch.journal import TaskState
+    from avatar.batch.task import BatchTask, _generate_phase
+    from avatar.config import ConfigError
+
+    folder = tmp_path / "task"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "step-00000004.pt").write_bytes(b"x")
+    task = BatchTask(1, "a head", str(folder), make_config(GenerateConfig, "smoke"))
+    with pytest.raises(ConfigError, match="config.yaml is missing"):
+        _generate_phase(task, 1, None, TaskState(folder))
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints"]  # nothing started over it

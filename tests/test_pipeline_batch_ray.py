@@ -44,7 +44,7 @@ def test_workers_see_the_drivers_avatar_cache(ray_cluster, shared_cache):
 
 
 def test_ray_batch_completes_retries_from_checkpoints_and_a_rerun_runs_only_the_missing(ray_cluster, tmp_path):
-    from avatar.pipeline.batch import JOURNAL, run_batch
+    from avatar.batch import JOURNAL, run_batch
 
     prompts = tmp_path / "heads.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")

@@ -39,8 +39,8 @@ def assert_continued_from_checkpoints(run: str | Path) -> None:
 
 @pytest.mark.slow
 def test_sequential_batch_retries_from_the_checkpoint_and_a_rerun_skips_what_is_done(tmp_path, monkeypatch):
+    from avatar.batch import JOURNAL, run_batch
     from avatar.guidance import models
-    from avatar.pipeline.batch import JOURNAL, run_batch
 
     monkeypatch.setitem(sys.modules, "ray", None)  # any import of ray would fail the batch
     unet_loads = []
@@ -95,8 +95,8 @@ def test_sequential_batch_retries_from_the_checkpoint_and_a_rerun_skips_what_is_
 
 @pytest.mark.slow
 def test_batch_resumes_a_run_stopped_midway_and_applies_each_edit_to_the_avatar(tmp_path):
+    from avatar.batch import run_batch, task_folder
     from avatar.config import EditConfig, GenerateConfig, make_config
-    from avatar.pipeline.batch import run_batch, task_folder
     from avatar.pipeline.generate import run_generate
     from avatar.workspace import Workspace
 
@@ -136,7 +136,7 @@ def test_batch_resumes_a_run_stopped_midway_and_applies_each_edit_to_the_avatar(
 
 @pytest.mark.slow
 def test_batch_exports_each_avatar_once(tmp_path):
-    from avatar.pipeline.batch import run_batch
+    from avatar.batch import run_batch
 
     prompts = tmp_path / "heads.txt"
     prompts.write_text("an old sea captain\n")

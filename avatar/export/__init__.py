@@ -2,8 +2,10 @@
 
 ``export_run`` writes ``RUN/export/avatar.glb`` (PBR texture, the head prior's
 expressions as morph targets, a neck/head/eyes skin), OBJ + MTL + PNG, PLY with
-vertex colours and, on request, a turntable MP4; ``preview_run`` writes the
-turntable and an offline ``preview.html`` viewer next to the GLB.
+vertex colours and, on request, a turntable MP4, and lists them in ``export.json``;
+``preview_run`` writes ``preview.mp4`` (a turntable) and an offline ``preview.html``
+viewer next to the GLB. An export is whole or absent: it is written into a hidden
+sibling folder renamed into place (``run.staged_output``).
 
 Modules: ``mesh`` (extraction at export resolution, cleanup, decimation, normals),
 ``texture`` (xatlas UVs, baking in UV space), ``rig`` (blendshape and skin-weight

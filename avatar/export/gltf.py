@@ -121,7 +121,9 @@ def build_glb(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces
 
     primitive = Primitive(attributes=attrs, indices=idx, material=0, mode=4)
     mesh = Mesh(name=name, primitives=[primitive])
-    mesh_node = Node(name=name, mesh=0)
+    # The node is not named like the scene: Godot names the scene's root after the scene (or the
+    # file) and renames a node that clashes with it ("avatar 2"); its mesh becomes "<scene>_<mesh>".
+    mesh_node = Node(name=f"{name}_mesh", mesh=0)
     gltf.nodes.append(mesh_node)
     roots = [0]
     if rig is not None:

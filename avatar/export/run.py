@@ -4,18 +4,28 @@ export_run: read the avatar (:func:`~avatar.pipeline.artifact.load_avatar`) ->
 extract the surface at export resolution -> clean -> decimate -> smooth normals ->
 UV atlas -> bake the texture field -> transfer the prior's blendshapes and skin ->
 write ``avatar.glb``, ``avatar.obj`` (+ ``.mtl``, ``.png``), ``avatar.ply`` and, on
-request, ``turntable.mp4`` into ``RUN/export/``, plus ``export.json`` saying what was
-done. Every argument is checked before any work; an existing file is never replaced
-without ``force``; every file is written to a temp name and renamed.
+request, ``turntable.mp4`` into ``RUN/export/``, plus ``export.json`` listing every file
+of the folder and every export that wrote into it. Every argument is checked before any
+work and before anything is created; an existing file is never replaced without ``force``.
 
-preview_run: ``turntable.mp4`` and the offline ``preview.html`` viewer next to the
-GLB (exported first if missing), both made from the GLB itself.
+An export is whole or absent: it is written into a hidden sibling folder
+(``.export.partial-<pid>``, holding links to the files already exported) that is renamed
+into place at the end (:func:`staged_output`). A killed export leaves only that folder,
+which the next export removes; the export folder itself is never half-written. (An
+``--out`` folder that holds other files too, a game project's, is not replaced: the new
+files are renamed into it one by one at the end.)
+
+preview_run: ``preview.mp4`` (a turntable) and the offline ``preview.html`` viewer next to
+the GLB (exported first if missing), both made from the GLB itself.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +42,18 @@ FORMATS = ("glb", "obj", "ply", "video")
 FILES = {"glb": ("avatar.glb",), "obj": ("avatar.obj", "avatar.mtl", "avatar.png"), "ply": ("avatar.ply",),
          "video": ("turntable.mp4",)}
 SUMMARY_FILE = "export.json"
-PREVIEW_FILES = ("turntable.mp4", "preview.html")
+PREVIEW_FILES = ("preview.mp4", "preview.html")
+"""What ``preview_run`` writes: its own names, so an exported ``turntable.mp4`` is not taken for them."""
+KNOWN_FILES = frozenset({n for names in FILES.values() for n in names} | set(PREVIEW_FILES) | {SUMMARY_FILE})
+"""Every file an export or a preview writes."""
+STAGE_TAG = ".partial-"
+"""``OUT_PARENT/.<out name>.partial-<pid>``: the folder an export is written into before it is renamed to OUT."""
+_FORMAT_OF = {**{n: f for f, names in FILES.items() for n in names}, **dict.fromkeys(PREVIEW_FILES, "preview")}
+INNER_STAGE = ".avatar-export"
+"""``OUT/.avatar-export.partial-<pid>``: the stage inside an OUT that holds more than an export's files."""
+OLD_TAG = ".old-"
+"""``OUT_PARENT/.<out name>.old-<pid>``: the previous export folder while the new one is renamed into place
+(only where the filesystem cannot swap two folders in one step)."""
 MIN_FACES = 100
 TEXTURE_SIZES = (256, 4096)
 
@@ -85,20 +106,238 @@ def _open_run(run: Any):
     return run if isinstance(run, Workspace) else Workspace.open(run)
 
 
-def prepare_output(out_dir: Path, names: list[str], force: bool) -> None:
-    """Create ``out_dir`` and check it is writable and holds none of ``names`` (unless ``force``)."""
+def _ours(name: str) -> bool:
+    """A name an export (or preview) writes in its folder, or the temp file of one of its writes."""
+    return name in KNOWN_FILES or (name.startswith(".") and ".tmp-" in name) or name.startswith(INNER_STAGE)
+
+
+def _swappable(out_dir: Path) -> bool:
+    """True where an export may replace the whole folder: it is not there yet, or it is a real
+    folder (not a link, not the working directory) that holds only an export's files. A folder
+    that holds anything else (``--out`` to a game project's assets) gets the files moved in one
+    by one instead."""
+    if not out_dir.name:
+        return False
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return True
+    try:
+        if out_dir.is_symlink() or not out_dir.is_dir() or out_dir.resolve() == Path.cwd().resolve():
+            return False
+        return all(_ours(p.name) and not p.is_dir() for p in out_dir.iterdir())
+    except OSError:
+        return False
+
+
+def check_output(out_dir: Path, names: list[str], force: bool) -> None:
+    """Check, creating nothing, that ``out_dir`` can be written and holds none of ``names``
+    (unless ``force``); raise :class:`ExportError` naming the fix otherwise."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"cannot write to {out_dir}: it is a file, not a folder; pass --out to a folder")
     existing = [n for n in names if (out_dir / n).exists()]
     if existing and not force:
         raise ExportError(f"{out_dir} already holds {', '.join(existing)}: pass --force to replace "
                           "them, or --out to write somewhere else")
+    where = [out_dir] if out_dir.is_dir() else []
+    if _swappable(out_dir):  # the export is written next to out_dir and renamed into place
+        parent = out_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        where.append(parent)
+    for folder in where:
+        try:
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ExportError(f"cannot write to {out_dir} ({folder}: {exc.strerror or exc}): make it writable "
+                              "or pass --out to a writable folder") from exc
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(folder: Path, prefix: str) -> list[Path]:
+    """Entries ``<prefix><pid>`` of ``folder`` whose process is gone (or is this one)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            found.append(path)
+    return found
+
+
+def recover_output(out_dir: Path) -> None:
+    """Clean up after an export that was killed: remove its stage folder; where it was killed
+    between moving the previous export aside and renaming the new one into place, put the
+    previous export back. The stage of an export that is running is left alone."""
+    if out_dir.name:
+        for old in _leftovers(out_dir.parent, f".{out_dir.name}{OLD_TAG}"):
+            if not out_dir.exists():
+                os.rename(old, out_dir)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        for stage in _leftovers(out_dir.parent, f".{out_dir.name}{STAGE_TAG}"):
+            shutil.rmtree(stage, ignore_errors=True)
+    for stage in _leftovers(out_dir, f"{INNER_STAGE}{STAGE_TAG}"):
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """The stage holds hard links to the files already exported: no copy, and a file that is
+    replaced is replaced by rename, so the export in place never changes under its readers."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the C
+    library or the filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _commit(stage: Path, out_dir: Path, swap: bool) -> None:
+    """Put the stage's files in ``out_dir``. ``swap``: the stage takes the folder's place, by one
+    rename for a new folder or an atomic swap for an existing one (two renames where the system
+    cannot swap: a kill between them leaves the previous export as ``.old-<pid>``, which
+    :func:`recover_output` puts back). Else each file is renamed into the folder, ``export.json``
+    last."""
+    from avatar.workspace import _fsync_dir
+
+    _fsync_dir(stage)
+    if not swap:
+        names = sorted(p.name for p in stage.iterdir() if p.name != SUMMARY_FILE)
+        for name in [*names, SUMMARY_FILE]:
+            if (stage / name).exists():
+                os.replace(stage / name, out_dir / name)
+        _fsync_dir(out_dir)
+        return
+    if not out_dir.exists():
+        os.rename(stage, out_dir)
+    elif _exchange(stage, out_dir):
+        shutil.rmtree(stage, ignore_errors=True)  # now the previous export
+    else:
+        old = out_dir.with_name(f".{out_dir.name}{OLD_TAG}{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(stage, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out_dir.parent)
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextmanager
+def staged_output(out_dir: Path, names: list[str], force: bool) -> Iterator[Path]:
+    """A folder to write ``names`` into, holding (links to) the export files ``out_dir``
+    already has; when the block ends without an error its files are put in ``out_dir``
+    (:func:`_commit`), on an error it is removed and ``out_dir`` is as it was.
+
+    The stage is ``.<out name>.partial-<pid>`` beside ``out_dir``, renamed into its place;
+    where ``out_dir`` also holds files that are not an export's, ``.avatar-export.partial-<pid>``
+    inside it, whose files are renamed into it one by one. Raises :class:`ExportError` when
+    ``out_dir`` holds one of ``names`` (without ``force``) or cannot be written."""
+    out_dir = Path(out_dir).absolute()
+    recover_output(out_dir)
+    swap = _swappable(out_dir)
+    stage = (out_dir.with_name(f".{out_dir.name}{STAGE_TAG}{os.getpid()}") if swap
+             else out_dir / f"{INNER_STAGE}{STAGE_TAG}{os.getpid()}")
+    try:
+        stage.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+        for path in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+            if path.name in KNOWN_FILES and path.is_file():
+                _link_or_copy(path, stage / path.name)
     except OSError as exc:
-        raise ExportError(f"cannot write to {out_dir} ({exc.strerror or exc}): make it writable or pass "
-                          "--out to a writable folder") from exc
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ExportError(f"cannot write to {out_dir} ({exc.strerror or exc}): make it writable or pass --out "
+                          "to a writable folder") from exc
+    try:
+        existing = [n for n in names if (stage / n).exists()]
+        if existing and not force:  # written since the check at the door
+            raise ExportError(f"{out_dir} already holds {', '.join(existing)}: pass --force to replace them, "
+                              "or --out to write somewhere else")
+        for name in existing:
+            (stage / name).unlink()
+        try:
+            yield stage
+            _commit(stage, out_dir, swap)
+        except OSError as exc:
+            if exc.errno not in _NO_ROOM:
+                raise
+            raise ExportError(f"cannot write the export to {out_dir} ({exc.strerror or exc}): free some space "
+                              "or pass --out to a writable folder with room") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _file_entries(folder: Path, previous: dict[str, Any], written: dict[str, str],
+                  index: int) -> dict[str, Any]:
+    """``export.json``'s ``files``: every export (and preview) file of the folder, with the format
+    (or ``preview``) it belongs to, its size and the export (index into ``exports``) that wrote it."""
+    entries = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        name = path.name
+        if name == SUMMARY_FILE:
+            continue
+        entry = dict(previous.get(name) or {"format": _FORMAT_OF.get(name)})
+        if name in written:
+            entry = {"format": written[name], "export": index}
+        entry["bytes"] = path.stat().st_size
+        entries[name] = entry
+    return entries
+
+
+def record_output(folder: Path, out_dir: Path, record: dict[str, Any], written: dict[str, str]) -> dict[str, Any]:
+    """Add ``record`` (what one export or preview did) to ``folder/export.json`` and list
+    every export file of the folder there. written: ``{file name: format}`` of the files it wrote.
+
+    ``export.json``: ``{"out", "run", "formats": [formats whose files are all present],
+    "files": {name: {"format", "bytes", "export"}}, "exports": [record, ...]}``, oldest
+    record first. Returns the new content."""
+    from avatar.workspace import atomic_write_bytes
+
+    path = folder / SUMMARY_FILE
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        previous = {}
+    if not isinstance(previous, dict):
+        previous = {}
+    exports = previous.get("exports")
+    if not isinstance(exports, list):  # an export.json of an older avatar: the one export it described
+        exports = [previous] if previous else []
+    files = previous.get("files") if isinstance(previous.get("files"), dict) else {}
+    previous_files = {k: v for k, v in files.items() if isinstance(v, dict)}
+    exports = [*exports, record]
+    entries = _file_entries(folder, previous_files, written, len(exports) - 1)
+    present = {e.get("format") for e in entries.values()}
+    formats = [f for f in FORMATS if f in present and all((folder / n).is_file() for n in FILES[f])]
+    summary = {"out": str(out_dir), "run": record.get("run"), "formats": formats, "files": entries,
+               "exports": exports}
+    atomic_write_bytes(path, json.dumps(_json_ready(summary), indent=2).encode())
+    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -237,14 +476,31 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
     Writes into ``out_dir`` (default ``RUN/export/``): ``avatar.glb`` (textured PBR,
     ARKit morph targets, neck/head/eye skin unless ``cfg.rig`` is false),
     ``avatar.obj`` + ``avatar.mtl`` + ``avatar.png``, ``avatar.ply`` (vertex colours),
-    ``turntable.mp4`` (with ``video`` in ``cfg.formats``) and ``export.json``.
-    Returns the summary also written to ``export.json``: files, counts, seconds.
+    ``turntable.mp4`` (with ``video`` in ``cfg.formats``), and adds this export to
+    ``export.json`` (:func:`record_output`). Files of other formats already in the folder
+    are kept, so ``--format video`` after ``--format glb`` adds the video. The folder is
+    replaced as a whole when the export succeeds and left as it was when it fails.
+    Returns what this export did (also the last entry of ``exports`` in ``export.json``):
+    files, counts, seconds.
 
-    Raises :class:`ExportError` (or the run's own errors) before any work for: a
-    missing or unfinished run, a bad texture size, too few faces, an unknown format,
-    an unwritable output folder, or files that exist without ``force``.
+    Raises :class:`ExportError` (or the run's own errors) before any work and before
+    anything is created for: a missing or unfinished run, a bad texture size, too few
+    faces, an unknown format, an unwritable output folder, or files of the requested
+    formats that exist without ``force``.
     """
     from avatar.config import ExportConfig
+
+    cfg = cfg or ExportConfig()
+    formats = validate_export_config(cfg)
+    ws = _open_run(run)
+    out = Path(out_dir).expanduser().absolute() if out_dir is not None else ws.export_dir
+    check_output(out, [n for f in formats for n in FILES[f]], force)
+    with _run_lock(ws):
+        return _export(ws, cfg, formats, out, force, progress)
+
+
+def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool, progress: bool) -> dict[str, Any]:
+    """export_run after its checks, holding the run's lock."""
     from avatar.export.formats import obj_files, ply_bytes
     from avatar.export.gltf import build_glb
     from avatar.export.rig import transfer_rig
@@ -252,23 +508,17 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
     from avatar.pipeline.artifact import load_avatar
     from avatar.workspace import atomic_write_bytes
 
-    cfg = cfg or ExportConfig()
     started = time.perf_counter()
-    formats = validate_export_config(cfg)
-    ws = _open_run(run)
-    out = Path(out_dir) if out_dir is not None else ws.export_dir
-    names = [n for f in formats for n in FILES[f]]
-    prepare_output(out, names, force)
     report = _reporter(progress)
-    with _run_lock(ws):
-        avatar = load_avatar(ws)
-        engine = str((avatar.config.get("engines") or {}).get("raster", "auto"))
-        mesh = build_export_mesh(avatar, int(cfg.faces), int(cfg.texture_size), engine=engine, report=report)
-        seconds = mesh.stats["seconds"]
-        positions_m = avatar.frame.to_metres(torch.as_tensor(mesh.vertices)).numpy()
-        png = encode_png(mesh.texture)
-        written: dict[str, str] = {}
-        rig = None
+    avatar = load_avatar(ws)
+    engine = str((avatar.config.get("engines") or {}).get("raster", "auto"))
+    mesh = build_export_mesh(avatar, int(cfg.faces), int(cfg.texture_size), engine=engine, report=report)
+    seconds = mesh.stats["seconds"]
+    positions_m = avatar.frame.to_metres(torch.as_tensor(mesh.vertices)).numpy()
+    png = encode_png(mesh.texture)
+    written: dict[str, str] = {}
+    rig = None
+    with staged_output(out, [n for f in formats for n in FILES[f]], force) as stage:
         if "glb" in formats:
             if cfg.rig:
                 with _timed(seconds, "rig", report):
@@ -277,12 +527,12 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
             with _timed(seconds, "glb", report):
                 data = build_glb(positions_m, mesh.normals, mesh.uvs, mesh.faces, png, roughness=float(cfg.roughness),
                                  rig=rig, extras=_json_ready(asset_extras(avatar)))
-                atomic_write_bytes(out / "avatar.glb", data)
+                atomic_write_bytes(stage / "avatar.glb", data)
                 written["glb"] = str(out / "avatar.glb")
         if "obj" in formats:
             with _timed(seconds, "obj", report):
                 for name, data in obj_files(positions_m, mesh.normals, mesh.uvs, mesh.faces, png).items():
-                    atomic_write_bytes(out / name, data)
+                    atomic_write_bytes(stage / name, data)
                 written["obj"] = str(out / "avatar.obj")
         if "ply" in formats:
             with _timed(seconds, "ply", report):
@@ -290,28 +540,29 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
                     colours = avatar.albedo(torch.as_tensor(mesh.source_vertices, dtype=torch.float32)).clamp(0, 1)
                 colours = (colours.cpu().numpy() * 255).round().astype(np.uint8)
                 source_m = avatar.frame.to_metres(torch.as_tensor(mesh.source_vertices)).numpy()
-                atomic_write_bytes(out / "avatar.ply", ply_bytes(source_m, mesh.source_normals, mesh.source_faces,
-                                                                 colours))
+                atomic_write_bytes(stage / "avatar.ply", ply_bytes(source_m, mesh.source_normals, mesh.source_faces,
+                                                                   colours))
                 written["ply"] = str(out / "avatar.ply")
         if "video" in formats:
             from avatar.export.video import write_turntable
 
             with _timed(seconds, "video", report):
-                write_turntable(out / "turntable.mp4", torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                write_turntable(stage / "turntable.mp4", torch.as_tensor(mesh.vertices, dtype=torch.float32),
                                 torch.as_tensor(mesh.faces), torch.as_tensor(mesh.uvs),
                                 torch.as_tensor(mesh.texture, dtype=torch.float32) / 255.0,
                                 int(cfg.video_frames), int(cfg.video_size), engine=engine)
                 written["video"] = str(out / "turntable.mp4")
-    summary = {
-        "run": str(ws.root), "out": str(out), "files": written, "formats": list(formats),
-        "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
-        "mesh_vertices": int(len(mesh.source_vertices)), "texture_size": int(cfg.texture_size),
-        "rig": rig is not None, "morph_targets": len(rig.target_names) if rig is not None else 0,
-        "joints": list(rig.joint_names) if rig is not None else [],
-        **{k: v for k, v in mesh.stats.items() if k != "seconds"},
-        "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)},
-    }
-    atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+        summary = {
+            "kind": "export", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "run": str(ws.root), "out": str(out), "files": written, "formats": list(formats),
+            "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
+            "mesh_vertices": int(len(mesh.source_vertices)), "texture_size": int(cfg.texture_size),
+            "rig": rig is not None, "morph_targets": len(rig.target_names) if rig is not None else 0,
+            "joints": list(rig.joint_names) if rig is not None else [],
+            **{k: v for k, v in mesh.stats.items() if k != "seconds"},
+            "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)},
+        }
+        record_output(stage, out, summary, {n: f for f in formats for n in FILES[f]})
     return summary
 
 
@@ -347,12 +598,14 @@ def _reporter(progress: bool):
 
 def preview_run(run: Any, frames: int = 120, size: int = 512, force: bool = False,
                 progress: bool = False) -> dict[str, Any]:
-    """Write ``turntable.mp4`` and ``preview.html`` next to the run's ``export/avatar.glb``
-    (exporting the GLB with default settings first if it is missing).
+    """Write ``preview.mp4`` (a turntable) and ``preview.html`` next to the run's
+    ``export/avatar.glb`` (exporting the GLB with default settings first if it is missing),
+    and add them to ``export.json``.
 
     Both are made from the GLB: the video renders its mesh with its texture, the viewer
-    embeds the file. Raises :class:`ExportError` for a size that is not a multiple of 16,
-    existing files without ``force``, or an unwritable folder.
+    embeds the file. An exported ``turntable.mp4`` is left alone. Raises
+    :class:`ExportError` for a size that is not a multiple of 16, existing preview files
+    without ``force``, or an unwritable folder.
     """
     from avatar.config import ExportConfig
     from avatar.export.video import write_turntable
@@ -364,33 +617,40 @@ def preview_run(run: Any, frames: int = 120, size: int = 512, force: bool = Fals
     validate_video(int(frames), int(size))
     ws = _open_run(run)
     out = ws.export_dir
-    prepare_output(out, list(PREVIEW_FILES), force)
     glb_path = out / "avatar.glb"
+    check_output(out, list(PREVIEW_FILES), force)
     exported = None
-    if not glb_path.is_file():
-        exported = export_run(ws, ExportConfig(formats=("glb",)), progress=progress)
-    glb = read_glb(glb_path)
-    frame_dict = (glb.extras or {}).get("field_frame")
-    if frame_dict is None:
-        from avatar.pipeline.artifact import load_avatar
+    with _run_lock(ws):
+        if not glb_path.is_file():
+            cfg = ExportConfig(formats=("glb",))
+            exported = _export(ws, cfg, validate_export_config(cfg), out, force=False, progress=progress)
+        glb = read_glb(glb_path)
+        frame_dict = (glb.extras or {}).get("field_frame")
+        if frame_dict is None:
+            from avatar.pipeline.artifact import load_avatar
 
-        frame = load_avatar(ws).frame
-    else:
-        frame = FieldFrame.from_dict(frame_dict)
-    seconds: dict[str, float] = {}
-    report = _reporter(progress)
-    with _timed(seconds, "video", report):
-        verts = frame.to_field(torch.as_tensor(glb.positions, dtype=torch.float32))
-        write_turntable(out / "turntable.mp4", verts, torch.as_tensor(glb.faces), torch.as_tensor(glb.uvs),
-                        torch.as_tensor(glb.texture, dtype=torch.float32) / 255.0, int(frames), int(size))
-    with _timed(seconds, "html", report):
-        html = viewer_html(glb_path.read_bytes(), title=str((glb.extras or {}).get("prompt") or ws.root.name),
-                           target_names=glb.target_names)
-        atomic_write_bytes(out / "preview.html", html.encode())
-    return {"run": str(ws.root), "video": str(out / "turntable.mp4"), "html": str(out / "preview.html"),
-            "glb": str(glb_path), "frames": int(frames), "size": int(size), "exported": exported is not None,
-            "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)}}
+            frame = load_avatar(ws).frame
+        else:
+            frame = FieldFrame.from_dict(frame_dict)
+        seconds: dict[str, float] = {}
+        report = _reporter(progress)
+        with staged_output(out, list(PREVIEW_FILES), force) as stage:
+            with _timed(seconds, "video", report):
+                verts = frame.to_field(torch.as_tensor(glb.positions, dtype=torch.float32))
+                write_turntable(stage / "preview.mp4", verts, torch.as_tensor(glb.faces), torch.as_tensor(glb.uvs),
+                                torch.as_tensor(glb.texture, dtype=torch.float32) / 255.0, int(frames), int(size))
+            with _timed(seconds, "html", report):
+                html = viewer_html(glb_path.read_bytes(), title=str((glb.extras or {}).get("prompt") or ws.root.name),
+                                   target_names=glb.target_names)
+                atomic_write_bytes(stage / "preview.html", html.encode())
+            summary = {"kind": "preview", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run": str(ws.root),
+                       "video": str(out / "preview.mp4"), "html": str(out / "preview.html"), "glb": str(glb_path),
+                       "frames": int(frames), "size": int(size), "exported": exported is not None,
+                       "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)}}
+            record_output(stage, out, summary, dict.fromkeys(PREVIEW_FILES, "preview"))
+    return summary
 
 
-__all__ = ["FILES", "FORMATS", "ExportError", "ExportMesh", "asset_extras", "build_export_mesh", "export_run",
-           "prepare_output", "preview_run", "validate_export_config", "validate_video"]
+__all__ = ["FILES", "FORMATS", "PREVIEW_FILES", "SUMMARY_FILE", "ExportError", "ExportMesh", "asset_extras",
+           "build_export_mesh", "check_output", "export_run", "preview_run", "record_output", "recover_output",
+           "staged_output", "validate_export_config", "validate_video"]

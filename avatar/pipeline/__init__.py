@@ -1,5 +1,6 @@
 """Optimisation loops: ``generate`` (coarse NeRF -> fine DMTet by score distillation),
-``edit`` (identity-aware editing of a finished avatar) and batches of prompts.
+``edit`` (identity-aware editing of a finished avatar), ``import`` and a list of prompts
+(``generate --prompts``). ``avatar batch`` drives these from above: :mod:`avatar.batch`.
 
 Importing this package is cheap; torch and the fields load with the modules below.
 """
@@ -19,8 +20,8 @@ _EXPORTS = {
     "EditError": "edit",
     "run_edit": "edit",
     "validate_edit": "edit",
-    "read_prompts": "batch",
-    "run_prompts": "batch",
+    "read_prompts": "prompts",
+    "run_prompts": "prompts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,9 +5,10 @@ is ``gpus_per_avatar`` GPUs when the cluster has GPUs, else ``cpus_per_avatar`` 
 holds the guidance models for all the prompts it runs
 (:func:`avatar.guidance.models.keep_models_loaded`): the weights are read once per
 worker, not once per prompt. The driver hands each free worker the next task
-(:func:`avatar.pipeline.batch.run_task`), appends each outcome to ``batch.jsonl`` and
-starts a failed task again (up to ``retries`` times) on the next free worker; the task
-resumes from its last checkpoint, since the run folder lives on the shared output root.
+(:func:`avatar.batch.task.run_task`), appends each outcome to ``batch.jsonl`` and
+starts a failed task again (up to ``retries`` times; never for an error the user must
+fix) on the next free worker; the task resumes from its last checkpoint, since the run
+folder lives on the shared output root.
 A worker that dies (out of memory, node lost) is replaced by a new actor.
 
 Only imported when a batch asks for Ray; ``ray`` itself is imported inside the functions.
@@ -20,17 +21,15 @@ import time
 from collections import deque
 from typing import Any
 
-from avatar.pipeline.batch import (
-    FORWARDED_ENV,
-    BatchError,
-    BatchJournal,
-    BatchProgress,
-    BatchTask,
-    _error_text,
-    run_task,
-)
+from avatar.batch.journal import BatchJournal
+from avatar.batch.progress import BatchProgress
+from avatar.batch.task import BatchError, BatchTask, failure_record, run_task
 
 RAY_EXTRA = 'pip install "avatar[ray]"'
+
+FORWARDED_ENV = ("AVATAR_CACHE_DIR", "AVATAR_FLAME_DIR", "AVATAR_OUTPUTS", "HF_HOME", "HF_HUB_CACHE",
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""Environment variables a local Ray cluster's workers get from the driver."""
 
 
 def require_ray() -> Any:
@@ -62,7 +61,8 @@ class BatchWorker:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def run(self, task: BatchTask, attempt: int) -> dict[str, Any]:
-        """The task's record; a failure is returned as a record (``status`` ``error``), not raised."""
+        """The task's record; a failure is returned as a record (``status`` ``error``, with the
+        traceback unless it is the user's to fix), not raised."""
         import socket
         import traceback
 
@@ -70,9 +70,11 @@ class BatchWorker:
         try:
             return run_task(task, attempt)
         except Exception as exc:  # reported to the driver, which records and retries it
-            return {"index": task.index, "prompt": task.prompt, "run": task.folder, "status": "error",
-                    "attempt": attempt, "error": _error_text(exc), "traceback": traceback.format_exc(limit=8),
-                    "seconds": round(time.time() - t0, 2), "host": socket.gethostname(), "pid": os.getpid()}
+            record = {**failure_record(task, attempt, exc, time.time() - t0), "host": socket.gethostname(),
+                      "pid": os.getpid()}
+            if not record["user_error"]:
+                record["traceback"] = traceback.format_exc(limit=8)
+            return record
 
 
 def connect(ray: Any, address: str, progress: bool = True) -> bool:
@@ -154,9 +156,8 @@ def run_on_ray(todo: list[BatchTask], tasks: list[BatchTask], skipped: set[int],
                         record = rt.get(ref)
                         idle.append(actor)
                     except rt.exceptions.RayError as exc:  # the worker died: replace it
-                        record = {"index": task.index, "prompt": task.prompt, "run": task.folder, "status": "error",
-                                  "attempt": attempt, "error": f"the worker died ({_error_text(exc)[:500]})",
-                                  "seconds": round(time.time() - t0, 2)}
+                        record = failure_record(task, attempt, exc, time.time() - t0)
+                        record["error"] = f"the worker died ({record['error'][:500]})"
                         actors.remove(actor)
                         replacement = new_actor()
                         actors.append(replacement)
@@ -167,7 +168,7 @@ def run_on_ray(todo: list[BatchTask], tasks: list[BatchTask], skipped: set[int],
                         table.set(task.index, "done", attempt, record["seconds"])
                         ended += 1
                         continue
-                    final = attempt > retries
+                    final = attempt > retries or bool(record.get("user_error"))
                     record = {**record, "status": "failed" if final else "retrying"}  # with the worker's traceback
                     journal.append(record)
                     table.set(task.index, record["status"], attempt, record["seconds"])
