@@ -13,10 +13,11 @@ from avatar.workspace import Workspace
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_smoke_generate_finishes_in_five_minutes_with_a_full_run_folder(smoke_run):
+def test_tiny_smoke_generate_leaves_a_full_run_folder(smoke_run):
+    # The time it takes is printed for the record; its goal (five minutes) is measured in
+    # benchmarks/, never asserted in a test.
     run, seconds = smoke_run
     print(f"avatar generate --guidance tiny --preset smoke: {seconds:.0f} s")
-    assert seconds < 300
     ws = Workspace.open(run)
     cfg = ws.load_config(GenerateConfig)
     assert cfg.preset == "smoke" and cfg.guidance.model == "tiny" and cfg.prompt == "an old sea captain"

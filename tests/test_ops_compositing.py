@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from support import served_by
 
 from avatar import _native
 from avatar.ops.compositing import (
@@ -48,12 +49,13 @@ def _packed(n_rays: int, max_samples: int, channels: int = 3, dtype=torch.float3
 
 def _run(engine, inputs, offsets, threshold, upstream=None, use=(True, True, True, True)):
     leaves = [t.clone().requires_grad_(True) for t in inputs]
-    out = composite_rays(*leaves, offsets, threshold, engine=engine)
-    if upstream is None:
-        g = torch.Generator().manual_seed(99)
-        upstream = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in out]
-    loss = sum((o * u).sum() for o, u, keep in zip(out, upstream, use) if keep)
-    loss.backward()
+    with served_by(engine, "composite_forward", "composite_backward"):
+        out = composite_rays(*leaves, offsets, threshold, engine=engine)
+        if upstream is None:
+            g = torch.Generator().manual_seed(99)
+            upstream = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in out]
+        loss = sum((o * u).sum() for o, u, keep in zip(out, upstream, use) if keep)
+        loss.backward()
     return [o.detach() for o in out], [t.grad for t in leaves], upstream
 
 
@@ -97,7 +99,8 @@ def test_gradcheck_float64(engine):
     def fn(sigmas, rgbs, deltas, ts):
         return tuple(composite_rays(sigmas, rgbs, deltas, ts, offsets, 0.0, engine=engine))
 
-    assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
+    with served_by(engine, "composite_forward", "composite_backward"):
+        assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -105,15 +108,16 @@ def test_constant_density_ray_matches_analytic_values(engine):
     sigma, length, n = 2.0, 1.5, 1000
     delta = length / n
     ts = (torch.arange(n, dtype=torch.float64) + 0.5) * delta
-    out = composite_rays(
-        torch.full((n,), sigma, dtype=torch.float64),
-        torch.full((n, 3), 0.25, dtype=torch.float64),
-        torch.full((n,), delta, dtype=torch.float64),
-        ts,
-        torch.tensor([0, n]),
-        0.0,
-        engine=engine,
-    )
+    with served_by(engine, "composite_forward"):
+        out = composite_rays(
+            torch.full((n,), sigma, dtype=torch.float64),
+            torch.full((n, 3), 0.25, dtype=torch.float64),
+            torch.full((n,), delta, dtype=torch.float64),
+            ts,
+            torch.tensor([0, n]),
+            0.0,
+            engine=engine,
+        )
     opacity = 1 - math.exp(-sigma * length)
     assert out.opacity.item() == pytest.approx(opacity, rel=1e-9)
     torch.testing.assert_close(out.colour, torch.full((1, 3), 0.25 * opacity, dtype=torch.float64))
@@ -126,8 +130,9 @@ def test_constant_density_ray_matches_analytic_values(engine):
 def test_early_termination_and_empty_rays(engine):
     n = 64
     sigmas = torch.full((n,), 50.0)
-    out = composite_rays(sigmas, torch.ones(n, 3), torch.full((n,), 0.05), torch.arange(n).float(),
-                         torch.tensor([0, 0, n, n]), 1e-3, engine=engine)
+    with served_by(engine, "composite_forward"):
+        out = composite_rays(sigmas, torch.ones(n, 3), torch.full((n,), 0.05), torch.arange(n).float(),
+                             torch.tensor([0, 0, n, n]), 1e-3, engine=engine)
     w = out.weights
     trans = torch.exp(-torch.cumsum(sigmas * 0.05, 0) + sigmas * 0.05)
     active = trans >= 1e-3
@@ -192,7 +197,8 @@ def test_native_march_equals_reference(res, step, max_samples):
     bits = pack_occupancy(_grid_mask(res, seed=res))
     origins, dirs, jitter = _rays(600, seed=res)
     near = torch.rand(600) * 0.5
-    a = march_rays(origins, dirs, bits, res, near, 4.0, step, max_samples, jitter, engine="native")
+    with served_by("native", "occupancy_march"):
+        a = march_rays(origins, dirs, bits, res, near, 4.0, step, max_samples, jitter, engine="native")
     b = march_rays(origins, dirs, bits, res, near, 4.0, step, max_samples, jitter, engine="torch")
     assert a.ts.numel() > 50
     assert torch.equal(a.offsets, b.offsets)
@@ -211,9 +217,11 @@ def test_march_skips_empty_grid_and_fills_full_grid(engine):
     dirs = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # the second misses the cube
     empty = torch.zeros((res**3 + 7) // 8, dtype=torch.uint8)
     full = torch.full_like(empty, 255)
-    none = march_rays(origins, dirs, empty, res, 0.0, 3.0, 0.01, engine=engine)
-    assert none.ts.numel() == 0 and none.offsets.tolist() == [0, 0, 0]
-    every = march_rays(origins, dirs, full, res, 0.0, 3.0, 0.01, engine=engine)
+    with served_by(engine, "occupancy_march") as calls:
+        none = march_rays(origins, dirs, empty, res, 0.0, 3.0, 0.01, engine=engine)
+        assert none.ts.numel() == 0 and none.offsets.tolist() == [0, 0, 0]
+        every = march_rays(origins, dirs, full, res, 0.0, 3.0, 0.01, engine=engine)
+    assert calls["occupancy_march"] == (2 if engine == "native" else 0)
     # Samples at t = (k + 0.5) * 0.01 with z = t - 1 in [0, 1]: k = 100 ... 199.
     assert every.offsets.tolist() == [0, 100, 100]
     torch.testing.assert_close(every.ts, (torch.arange(100, 200) + 0.5) * 0.01)

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from support import served_by
 
 from avatar import _native
 from avatar.ops.engine import EngineError
@@ -51,10 +52,11 @@ def _compare(points: torch.Tensor, table: torch.Tensor, config: dict, grad_point
     for engine in ("native", "torch"):
         t = table.clone().requires_grad_(True)
         p = points.clone().requires_grad_(grad_points)
-        out = hash_grid_encode(p, t, **config, engine=engine)
-        if upstream is None:
-            upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
-        out.backward(upstream)
+        with served_by(engine, "hashgrid_forward", "hashgrid_backward"):
+            out = hash_grid_encode(p, t, **config, engine=engine)
+            if upstream is None:
+                upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+            out.backward(upstream)
         results[engine] = (out.detach(), t.grad, p.grad)
     (o_n, gt_n, gp_n), (o_r, gt_r, gp_r) = results["native"], results["torch"]
     scale = o_r.abs().max().clamp_min(1e-12)
@@ -134,7 +136,8 @@ def test_native_float64_matches_reference():
     layout = hash_grid_layout(**SMALL)
     points = torch.cat([torch.rand(400, 3, dtype=torch.float64), _edge_points(layout, torch.float64)])
     table = _table(layout.n_rows, 2, torch.float64)
-    out_n = hash_grid_encode(points, table, **SMALL, engine="native")
+    with served_by("native", "hashgrid_forward"):
+        out_n = hash_grid_encode(points, table, **SMALL, engine="native")
     out_r = hash_grid_encode(points, table, **SMALL, engine="torch")
     torch.testing.assert_close(out_n, out_r, rtol=1e-12, atol=1e-12)
 
@@ -154,7 +157,8 @@ def test_gradcheck_float64(engine):
     def fn(p, t):
         return hash_grid_encode(p, t, **GRADCHECK, engine=engine)
 
-    assert torch.autograd.gradcheck(fn, (points, table), eps=1e-6, atol=1e-7)
+    with served_by(engine, "hashgrid_forward", "hashgrid_backward"):
+        assert torch.autograd.gradcheck(fn, (points, table), eps=1e-6, atol=1e-7)
 
 
 @native
@@ -226,7 +230,8 @@ def test_module_shapes_params_and_engines():
         with torch.no_grad():
             enc.params.uniform_(-1, 1)
         enc.engine = "native"
-        a = enc(points)
+        with served_by("native", "hashgrid_forward"):
+            a = enc(points)
         enc.engine = "torch"
         torch.testing.assert_close(a, enc(points), rtol=1e-5, atol=1e-6)
 

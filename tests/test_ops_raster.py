@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from support import served_by
 
 from avatar import _native
 from avatar.ops import raster
@@ -105,24 +106,29 @@ def assert_same_rast(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize("resolution", [(37, 53), (64, 64)])
 def test_rasterize_native_matches_reference(seed, resolution):
     pos, faces = random_scene(seed)
-    native, _ = raster.rasterize(pos, faces, resolution, engine="native")
-    torch_rast, _ = raster.rasterize(pos, faces, resolution, engine="torch")
+    with served_by("native", "rasterize_fwd"):
+        native, _ = raster.rasterize(pos, faces, resolution, engine="native")
+    with served_by("torch"):
+        torch_rast, _ = raster.rasterize(pos, faces, resolution, engine="torch")
     assert native.shape == (2, *resolution, 4) and native.dtype == torch.float32
     assert (native[..., 3] > 0).float().mean() > 0.5  # a busy scene
     assert_same_rast(native, torch_rast)
     # The barycentrics recomputed for gradients equal the kernel's own.
-    with_grad, _ = raster.rasterize(pos.clone().requires_grad_(), faces, resolution, engine="native")
+    with served_by("native", "rasterize_fwd"):
+        with_grad, _ = raster.rasterize(pos.clone().requires_grad_(), faces, resolution, engine="native")
     assert_same_rast(with_grad.detach(), native)
 
 
 def test_rasterize_awkward_triangles_cover_nothing():
     pos, faces = random_scene(0)
-    for bad in (0, 4, 5):  # behind the eye, collinear, repeated vertex
-        rast, _ = raster.rasterize(pos, faces[bad : bad + 1], (32, 32), engine="native")
-        assert not rast.any(), f"triangle {bad} drew pixels"
-    rast, _ = raster.rasterize(pos[1:], faces[6:7], (32, 32), engine="native")  # a NaN vertex
-    assert not rast.any()
-    duplicate, _ = raster.rasterize(pos, faces[7:9], (64, 64), engine="native")
+    with served_by("native", "rasterize_fwd") as calls:
+        for bad in (0, 4, 5):  # behind the eye, collinear, repeated vertex
+            rast, _ = raster.rasterize(pos, faces[bad : bad + 1], (32, 32), engine="native")
+            assert not rast.any(), f"triangle {bad} drew pixels"
+        rast, _ = raster.rasterize(pos[1:], faces[6:7], (32, 32), engine="native")  # a NaN vertex
+        assert not rast.any()
+        duplicate, _ = raster.rasterize(pos, faces[7:9], (64, 64), engine="native")
+    assert calls["rasterize_fwd"] == 5
     ids = duplicate[..., 3]
     assert (ids[ids > 0] == 1).all(), "exact duplicates must resolve to the lower triangle id"
 
@@ -156,7 +162,8 @@ def test_rasterize_clips_like_opengl(case):
     faces = torch.tensor([[0, 1, 2]], dtype=torch.int32)
     height, width = 48, 40
     for engine in ("native", "torch"):
-        rast, _ = raster.rasterize(pos, faces, (height, width), engine=engine)
+        with served_by(engine, "rasterize_fwd"):
+            rast, _ = raster.rasterize(pos, faces, (height, width), engine=engine)
         covered, margin = brute_force_coverage(pos[0].double().numpy(), height, width)
         clear = margin > 1e-6
         got = (rast[0, ..., 3] > 0).numpy()
@@ -197,7 +204,8 @@ def test_pixels_on_shared_edges_are_counted_once(engine, perspective_w):
     if perspective_w:  # same image, different (non-exact) arithmetic
         w = torch.rand(len(xy), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 + 0.5
     pos = torch.cat([xy * w, torch.zeros_like(w), w], 1).float()
-    counts = coverage_counts(pos, faces, size, engine)
+    with served_by(engine, "rasterize_fwd"):
+        counts = coverage_counts(pos, faces, size, engine)
     assert counts.max() <= 1, "a pixel on a shared edge was drawn by two triangles"
     inner = slice(2, 15)  # pixel centres strictly inside the lattice, many on edges
     if not perspective_w:  # exact arithmetic: vertices shared by 4-6 triangles count once too
@@ -215,7 +223,8 @@ def test_sphere_covers_the_analytic_disk_and_depth():
     vertices, faces = icosphere(5)
     mvp = perspective(fov, 1.0, near, far) @ camera_on_z(distance)
     pos = to_clip(vertices, mvp)
-    rast, _ = raster.rasterize(pos, faces, (size, size), engine="native")
+    with served_by("native", "rasterize_fwd"):
+        rast, _ = raster.rasterize(pos, faces, (size, size), engine="native")
     covered = int((rast[0, ..., 3] > 0).sum())
     # Silhouette of a unit sphere seen from `distance`: a cone of half-angle
     # asin(1 / distance), i.e. a disk of radius f * tan(asin(1/d)) in NDC.
@@ -249,13 +258,15 @@ def test_conventions_match_nvdiffrast():
     faces = torch.tensor([[0, 1, 2]], dtype=torch.int32)
     height, width = 24, 32
     for engine in ("native", "torch"):
-        rast, _ = raster.rasterize(pos, faces, (height, width), engine=engine)
+        with served_by(engine, "rasterize_fwd"):
+            rast, _ = raster.rasterize(pos, faces, (height, width), engine=engine)
         assert rast.shape == (1, height, width, 4)
         inside = rast[0, ..., 3] > 0
         assert inside.sum() > 100 and torch.equal(rast[0, ..., 3][inside], torch.ones(int(inside.sum())))
         assert (rast[0][~inside] == 0).all()
         attr = pos[:, [0, 1, 3]].contiguous()
-        xyw = raster.interpolate(attr, rast, faces, engine=engine)[0]
+        with served_by(engine, "interpolate_fwd"):
+            xyw = raster.interpolate(attr, rast, faces, engine=engine)[0]
         fx = (2 * torch.arange(width) + 1) / width - 1
         fy = (2 * torch.arange(height) + 1) / height - 1
         torch.testing.assert_close(
@@ -275,7 +286,8 @@ def test_rast_db_is_the_image_space_derivative():
     pos = torch.tensor([[-0.9, -0.8, 0.3, 1.0], [1.6, -0.9, -0.2, 2.0], [0.1, 1.3, 0.5, 1.4]])
     faces = torch.tensor([[0, 1, 2]], dtype=torch.int32)
     for engine in ("native", "torch"):
-        rast, db = raster.rasterize(pos, faces, (40, 40), engine=engine, output_db=True)
+        with served_by(engine, "rasterize_fwd"):
+            rast, db = raster.rasterize(pos, faces, (40, 40), engine=engine, output_db=True)
         inner = (rast[0, 1:-1, 1:-1, 3] > 0) & (rast[0, 2:, 1:-1, 3] > 0) & (rast[0, :-2, 1:-1, 3] > 0)
         inner &= (rast[0, 1:-1, 2:, 3] > 0) & (rast[0, 1:-1, :-2, 3] > 0)
         du_dx = (rast[0, 1:-1, 2:, 0] - rast[0, 1:-1, :-2, 0]) / 2
@@ -286,7 +298,8 @@ def test_rast_db_is_the_image_space_derivative():
 
 def test_empty_inputs():
     pos = torch.rand(2, 5, 4)
-    rast, _ = raster.rasterize(pos, torch.zeros(0, 3, dtype=torch.int32), (8, 9), engine="native")
+    with served_by("native", "rasterize_fwd"):
+        rast, _ = raster.rasterize(pos, torch.zeros(0, 3, dtype=torch.int32), (8, 9), engine="native")
     assert rast.shape == (2, 8, 9, 4) and not rast.any()
     ref_rast, _ = raster.rasterize(pos, torch.zeros(0, 3, dtype=torch.int32), (8, 9), engine="torch")
     assert torch.equal(rast, ref_rast)
@@ -328,9 +341,10 @@ def test_interpolate_native_matches_reference(batched_attr):
     for engine in ("native", "torch"):
         p = pos.clone().requires_grad_()
         a = attr.clone().requires_grad_()
-        rast, _ = raster.rasterize(p, faces, (40, 48), engine=engine)
-        out = raster.interpolate(a, rast, faces, engine=engine)
-        (out * weights).sum().backward()
+        with served_by(engine, "rasterize_fwd", "interpolate_fwd", "interpolate_grad_rast"):
+            rast, _ = raster.rasterize(p, faces, (40, 48), engine=engine)
+            out = raster.interpolate(a, rast, faces, engine=engine)
+            (out * weights).sum().backward()
         results[engine] = (out.detach(), a.grad, p.grad)
     (out_n, ga_n, gp_n), (out_t, ga_t, gp_t) = results["native"], results["torch"]
     torch.testing.assert_close(out_n, out_t, rtol=1e-5, atol=1e-6)
@@ -454,8 +468,9 @@ def test_antialias_native_matches_reference():
     for engine in ("native", "torch"):
         p = pos.clone().requires_grad_()
         c = colors.clone().requires_grad_()
-        out, color, rast = shaded_sphere(engine, p, faces, c, resolution)
-        (out * weights).sum().backward()
+        with served_by(engine, "rasterize_fwd", "interpolate_fwd", "antialias_analysis"):
+            out, color, rast = shaded_sphere(engine, p, faces, c, resolution)
+            (out * weights).sum().backward()
         results[engine] = (out.detach(), c.grad, p.grad)
     codes_native = torch.ops.avatar.antialias_analysis(rast.detach(), pos, faces, raster.opposite_vertices(faces))
     codes_ref = ref.antialias_analysis(rast.detach(), pos, faces, raster.opposite_vertices(faces))
@@ -492,7 +507,8 @@ def test_silhouette_gradient_matches_finite_differences(engine):
         return raster.antialias(white, rast, p, faces, engine=engine).sum()
 
     p = pos.clone().requires_grad_()
-    coverage(p).backward()
+    with served_by(engine, "rasterize_fwd", "antialias_analysis"):
+        coverage(p).backward()
     # Analytic: area in pixels = |cross| / 2 * (size / 2)^2; its derivative with
     # respect to a vertex is half the perpendicular of the opposite edge.
     scale = (size / 2) ** 2
