@@ -7,14 +7,39 @@ commands, so ``avatar --help`` is instant. Errors a user can fix
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+from avatar.errors import AvatarError
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class AvatarGroup(TyperGroup):
+    """The command group: Ctrl-C prints where the run stopped and how to continue it (exit
+    code 130). Typer turns a KeyboardInterrupt into a silent exit 130 before :func:`main` could
+    see it, so it is caught here, inside typer's handler (where ``CliRunner`` sees it too)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            # The loop's own message says at which step it stopped and how to resume.
+            typer.echo(_one_line(exc) if str(exc).strip() else "interrupted", err=True)
+            raise typer.Exit(code=130) from None
+
 
 app = typer.Typer(
     name="avatar",
+    cls=AvatarGroup,
     help="Text prompt -> rigged, textured 3D head for game engines.",
     no_args_is_help=True,
     add_completion=False,
@@ -26,11 +51,12 @@ app.add_typer(prior_app, name="prior")
 
 PRESET_HELP = "Preset: quality (GPU, HeadSculpt scale), fast (GPU), smoke (CPU, minutes)."
 SET_HELP = "Override a config value, e.g. --set coarse.steps=500 (repeatable)."
+OUT_HELP = "Parent folder of run folders (default: $AVATAR_OUTPUTS, else outputs)."
 
 Preset = Annotated[str, typer.Option("--preset", help=PRESET_HELP)]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP, metavar="KEY=VALUE")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config values.",
-                                                    exists=False, dir_okay=False)]
+# Checked by avatar.config (a folder or garbled YAML is one line there, not a usage box).
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config values.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the config's, 0).")]
 Guidance = Annotated[Optional[str], typer.Option("--guidance", help="Hub id, local diffusers folder, 'tiny' or "
                                                  "'oracle:MESH'.")]
@@ -42,8 +68,87 @@ def _overrides(values: list[str] | None, **named: object) -> list[str]:
     return out + list(values or [])
 
 
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before anything loads or is written, an output folder that is a file or cannot be
+    written (what is missing of it is created later, by whoever writes there). Returns the path.
+
+    Writability is tried by making and removing a temporary folder in the nearest part of the
+    path that exists (permission bits do not tell: root ignores them, a read-only mount does not)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AvatarError(f"{option} {path} is a file, not a folder: pass a folder (it is created if missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AvatarError(f"{option} {path} cannot be created: {existing} is a file; pass a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".avatar-write-test-", dir=existing)
+    except OSError as exc:
+        raise AvatarError(f"{option} {path} is not writable ({exc.strerror or type(exc).__name__} in {existing}): "
+                          "pass a folder you can write to") from exc
+    os.rmdir(probe)
+    return path
+
+
+RESUMES = {"generate": "a generate run", "import": "an import run", "edit": "an edit folder"}
+"""Folder kind (run.json's ``kind``) -> what it is called; each resumes with ``avatar KIND --resume``."""
+
+
+def _refuse_with_resume(ctx: typer.Context) -> None:
+    """``--resume`` continues a folder with its own saved settings: other arguments would be
+    silently ignored, so they are refused."""
+    given = []
+    for param in ctx.command.params:
+        if param.name in ("resume", None):
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given.append(param.opts[0] if param.param_type_name == "option" else param.name.upper())
+    if given:
+        raise AvatarError(f"--resume continues a folder with the settings it was started with, so {', '.join(given)} "
+                          f"cannot be given with it: drop {'it' if len(given) == 1 else 'them'}, or leave out "
+                          "--resume to start anew")
+
+
+def _open_to_resume(folder: Path, command: str) -> Any:
+    """The workspace of ``folder``, checked to be the kind ``avatar COMMAND --resume`` continues
+    (an edit folder given to generate is named as one, with the command that resumes it)."""
+    from avatar.workspace import Workspace
+
+    ws = Workspace.open(folder)
+    kind = ws.read_info().get("kind")
+    if kind is None and command == "generate":  # run.json not yet written: the loop's checks decide
+        return ws
+    if kind != command:
+        if kind in RESUMES:
+            raise AvatarError(f"{folder} is {RESUMES[kind]}, not {RESUMES[command]}: continue it with "
+                              f"'avatar {kind} --resume {folder}'")
+        what = f"a '{kind}' folder" if kind is not None else "a folder whose run.json does not say what made it"
+        raise AvatarError(f"{folder} is {what}, not {RESUMES[command]}: pass a folder that "
+                          f"'avatar {command}' wrote")
+    return ws
+
+
+def _run_to_end(run: Any, command: str, resume: bool = False) -> dict[str, Any]:
+    """``run.run()``; Ctrl-C becomes a KeyboardInterrupt saying where the run stopped and how to
+    continue it (the CLI prints it; typer alone would exit silently)."""
+    try:
+        return run.run(resume=resume)
+    except KeyboardInterrupt as exc:
+        latest = run.ws.latest_checkpoint()
+        saved = int(latest.stem.split("-")[-1]) if latest is not None else None
+        if saved is None:
+            raise KeyboardInterrupt(f"stopped before the first checkpoint of {run.ws.root}: start the run "
+                                    "again") from exc
+        kept = "" if saved == run.step else f" (resume continues from the checkpoint of step {saved})"
+        raise KeyboardInterrupt(f"stopped at step {run.step} of {run.total}{kept}; resume with "
+                                f"'avatar {command} --resume {run.ws.root}'") from exc
+
+
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[Optional[str], typer.Argument(help="Text describing the head.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="File with one prompt per line "
                                                     "(blank and # lines skipped); one run per prompt.")] = None,
@@ -52,7 +157,7 @@ def generate(
     head_model: Annotated[Optional[str], typer.Option("--head-model", help="Head prior: anny, flame:DIR "
                                                       "or auto.")] = None,
     seed: Seed = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help=OUT_HELP)] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue RUN from its last "
                                                    "checkpoint.")] = None,
     config: ConfigFile = None,
@@ -62,26 +167,26 @@ def generate(
     from dataclasses import replace
 
     from avatar.config import GenerateConfig, make_config
-    from avatar.errors import AvatarError
 
-    if resume is None and prompts is None and not (prompt or "").strip():
+    if resume is not None:
+        from avatar.pipeline.generate import GenerateRun
+
+        _refuse_with_resume(ctx)
+        ws = _open_to_resume(resume, "generate")
+        _run_to_end(GenerateRun(ws.load_config(GenerateConfig), ws), "generate", resume=True)
+        return
+    if prompts is None and not (prompt or "").strip():
         raise AvatarError("the prompt is empty: avatar generate \"an old sea captain with a grey beard\" "
                           "(or --prompts FILE, or --resume RUN)")
     if prompts is not None and not prompts.is_file():
         raise AvatarError(f"prompts file {prompts} does not exist or is not a file")
-    from avatar.workspace import Workspace
-
-    if resume is not None:
-        from avatar.pipeline import run_generate
-
-        ws = Workspace.open(resume)
-        cfg = ws.load_config(GenerateConfig)
-        run_generate(cfg, ws, resume=True)
-        return
     cfg = make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
         set_, prompt=prompt, seed=seed, output_root=out,
         **{"guidance.model": guidance, "prior.spec": head_model}))
-    from avatar.pipeline import read_prompts, run_generate, run_prompts, validate_config
+    check_output_folder(cfg.output_root)
+    from avatar.pipeline import read_prompts, run_prompts, validate_config
+    from avatar.pipeline.generate import GenerateRun
+    from avatar.workspace import Workspace
 
     if prompts is not None:
         prompt_list = read_prompts(prompts)
@@ -90,17 +195,20 @@ def generate(
         summary = run_prompts(cfg, prompt_list)
         for run in summary["runs"]:
             status = "ok    " if run["ok"] else "FAILED"
-            typer.echo(f"{status} {run['prompt']} -> {run['run']} {run.get('error', '')}".rstrip())
+            typer.echo(f"{status} {run['prompt']} -> {run['run'] or '(no folder)'} {run.get('error', '')}".rstrip())
         typer.echo(f"{summary['succeeded']}/{summary['total']} prompts succeeded")
         if summary["failed"]:
             raise typer.Exit(code=1)
         return
-    validate_config(cfg)  # before a run folder exists
-    run_generate(cfg, Workspace.create(cfg.output_root, cfg.prompt))
+    # The prior, the guidance and an oracle's mesh load (and fail) before the run folder exists.
+    run = GenerateRun(cfg, None)
+    run.ws = Workspace.create(cfg.output_root, cfg.prompt)
+    _run_to_end(run, "generate")
 
 
 @app.command()
 def edit(
+    ctx: typer.Context,
     run: Annotated[Optional[Path], typer.Argument(help="Run folder (or an earlier edit) to edit.")] = None,
     instruction: Annotated[Optional[str], typer.Argument(help="What to change, e.g. 'give him a red woollen "
                                                          "hat'.")] = None,
@@ -121,10 +229,11 @@ def edit(
 ) -> None:
     """Edit an avatar by text, keeping its identity (IESD); writes RUN/edits/<slug>-<time>/."""
     from avatar.config import EditConfig, make_config
-    from avatar.errors import AvatarError
     from avatar.pipeline.edit import run_edit
 
     if resume is not None:
+        _refuse_with_resume(ctx)
+        _open_to_resume(resume, "edit")
         run_edit(None, None, resume_dir=resume)
         return
     if run is None or instruction is None or not instruction.strip():
@@ -147,12 +256,13 @@ def export_(
     texture_size: Annotated[Optional[int], typer.Option("--texture-size", help="Texture size: 1024, 2048 "
                                                         "or 4096.")] = None,
     no_rig: Annotated[bool, typer.Option("--no-rig", help="Static mesh: no blendshapes, no skeleton.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the files of these formats if the folder "
+                                        "holds them (other formats are kept).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write to (default RUN/export).")] = None,
     config: ConfigFile = None,
     set_: Overrides = None,
 ) -> None:
-    """Write RUN/export/: avatar.glb (PBR, ARKit blendshapes, skeleton), OBJ, PLY."""
+    """Write RUN/export/: avatar.glb (PBR, ARKit blendshapes, skeleton), OBJ, PLY; export.json lists them."""
     from avatar.config import ExportConfig, make_config
     from avatar.export import export_run
     from avatar.workspace import Workspace
@@ -172,7 +282,7 @@ def preview(
     size: Annotated[int, typer.Option("--size", help="Video size in pixels (multiple of 16).")] = 512,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing preview.")] = False,
 ) -> None:
-    """Write a turntable MP4 and an offline preview.html viewer next to the GLB."""
+    """Write preview.mp4 (a turntable) and an offline preview.html viewer next to the GLB."""
     from avatar.export import preview_run
     from avatar.workspace import Workspace
 
@@ -184,6 +294,7 @@ def preview(
 
 @app.command("import")
 def import_(
+    ctx: typer.Context,
     mesh: Annotated[Optional[Path], typer.Argument(help="Head mesh: GLB, OBJ or PLY (textured or "
                                                    "vertex-coloured), +Y up, facing +Z.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="What the head is (the source prompt "
@@ -192,7 +303,7 @@ def import_(
     head_model: Annotated[Optional[str], typer.Option("--head-model", help="Head prior for landmarks, "
                                                       "blendshapes and skin.")] = None,
     seed: Seed = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder of run folders.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help=OUT_HELP)] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an import RUN from its last "
                                                    "checkpoint.")] = None,
     config: ConfigFile = None,
@@ -200,16 +311,14 @@ def import_(
 ) -> None:
     """Fit the avatar representation to an existing head mesh, so it can be edited and exported."""
     from avatar.config import GenerateConfig, make_config
-    from avatar.errors import AvatarError
-    from avatar.pipeline.import_mesh import import_config, read_head_mesh, run_import
+    from avatar.pipeline.import_mesh import ImportRun, import_config, read_head_mesh
     from avatar.workspace import Workspace
 
     if resume is not None:
-        ws = Workspace.open(resume)
-        info = ws.read_info()
-        if info.get("kind") != "import":
-            raise AvatarError(f"{resume} is not an import run (it is a '{info.get('kind')}' run)")
-        run_import(ws.load_config(GenerateConfig), info["source_mesh"], ws, resume=True)
+        _refuse_with_resume(ctx)
+        ws = _open_to_resume(resume, "import")
+        run = ImportRun(ws.load_config(GenerateConfig), ws, str(ws.read_info().get("source_mesh", "")))
+        _run_to_end(run, "import", resume=True)
         return
     if mesh is None:
         raise AvatarError("no mesh given: avatar import HEAD.glb (or --resume RUN)")
@@ -217,8 +326,11 @@ def import_(
     cfg = make_config(GenerateConfig, preset, config_file=config, overrides=_overrides(
         set_, prompt=prompt or mesh.stem.replace("_", " "), seed=seed, output_root=out,
         **{"prior.spec": head_model}))
-    import_config(cfg)  # validates, before a run folder exists
-    run_import(cfg, mesh, Workspace.create(cfg.output_root, f"import-{cfg.prompt}"))
+    check_output_folder(cfg.output_root)
+    # The prior and the mesh load (and fail) before the run folder exists.
+    run = ImportRun(import_config(cfg), None, mesh)
+    run.ws = Workspace.create(cfg.output_root, f"import-{cfg.prompt}")
+    _run_to_end(run, "import")
 
 
 @app.command()
@@ -242,7 +354,7 @@ def batch(
     set_: Overrides = None,
 ) -> None:
     """Many avatars from a prompt file, on Ray or one after another; re-running skips what is done."""
-    from avatar.pipeline.batch import run_batch
+    from avatar.batch import run_batch
 
     summary = run_batch(prompts_file, edits_file=edits, ray=ray, gpus_per_avatar=gpus_per_avatar, preset=preset,
                         guidance=guidance, export_formats=export, overrides=set_ or [], output_root=out,
@@ -251,8 +363,8 @@ def batch(
         typer.echo(f"{r['status']:8} {r['prompt']} -> {r['run']} {r.get('error', '')}".rstrip())
     typer.echo(f"{summary['succeeded']}/{summary['total']} done ({summary['skipped']} earlier), "
                f"{summary['failed']} failed -> {summary['journal']}")
-    if summary["failed"]:
-        raise typer.Exit(code=1)
+    if summary["failed"]:  # 2 when every failure is an error the user must fix (never retried), as elsewhere
+        raise typer.Exit(code=2 if summary["user_errors"] == summary["failed"] else 1)
 
 
 @app.command()
@@ -331,14 +443,12 @@ def prior_show(
 
 def main() -> None:
     """Console entry point: user errors become one clear line, not a traceback."""
-    from avatar.errors import AvatarError
-
     try:
         app()
     except AvatarError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (AvatarGroup handles those)
         typer.echo("interrupted", err=True)
         sys.exit(130)
 

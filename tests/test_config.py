@@ -84,6 +84,61 @@ def test_override_types_are_checked():
         C.make_config(C.GenerateConfig, "smoke", ["coarse=3"])
 
 
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 1e-3), ("1E3", 1e3), ("1e+2", 100.0), (".5", 0.5), ("5.", 5.0), ("-2.5e-1", -0.25), ("3", 3.0),
+    ("1_000.5", 1000.5), (" 2e-4 ", 2e-4), ("inf", float("inf")), ("-Infinity", float("-inf")),
+])
+def test_every_float_spelling_python_takes_is_a_float(text, value):
+    """YAML 1.1 reads 1e-3 and 1E3 as strings: a float field takes what float() takes (whether
+    an lr of inf is usable is the run's validation, not the parser's)."""
+    cfg = C.make_config(C.GenerateConfig, "smoke", [f"coarse.lr={text}", f"fine.t_range=[{text}, 0.5]",
+                                                   f"cameras.fov_range={text},45"])
+    assert cfg.coarse.lr == value and isinstance(cfg.coarse.lr, float)
+    assert cfg.fine.t_range == (value, 0.5) and cfg.cameras.fov_range == (value, 45.0)
+    assert C.make_config(C.GenerateConfig, "smoke", ["coarse.lr=nan"]).coarse.lr != 0  # nan: for validation
+    for bad in ("1e-3x", "one", "true", "[1, 2]", "0x1p-3"):  # what is no float is still refused
+        with pytest.raises(C.ConfigError, match="'coarse.lr' expects float"):
+            C.make_config(C.GenerateConfig, "smoke", [f"coarse.lr={bad}"])
+
+
+def test_a_config_file_takes_float_spellings_too(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("coarse:\n  lr: 1e-3\n  t_range: [2E-2, .5]\nfine:\n  lr: 5e-4\n")
+    cfg = C.make_config(C.GenerateConfig, "smoke", config_file=path)
+    assert (cfg.coarse.lr, cfg.coarse.t_range, cfg.fine.lr) == (1e-3, (0.02, 0.5), 5e-4)
+    C.save_config(cfg, tmp_path / "saved.yaml")
+    assert C.load_config(C.GenerateConfig, tmp_path / "saved.yaml") == cfg
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, -(2**40)])
+def test_a_seed_numpy_cannot_take_is_refused_wherever_it_comes_from(seed, tmp_path):
+    with pytest.raises(C.ConfigError, match=f"seed must be a whole number from 0 to 4294967295, got {seed}"):
+        C.make_config(C.GenerateConfig, "smoke", [f"seed={seed}"])
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"seed: {seed}\n")
+    with pytest.raises(C.ConfigError, match=f"{path}: seed must be"):
+        C.make_config(C.GenerateConfig, "smoke", config_file=path)
+    assert C.make_config(C.GenerateConfig, "smoke", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+def test_the_default_output_root_honours_avatar_outputs(tmp_path, monkeypatch):
+    monkeypatch.delenv("AVATAR_OUTPUTS", raising=False)
+    assert C.make_config(C.GenerateConfig, "smoke").output_root == "outputs"
+    monkeypatch.setenv("AVATAR_OUTPUTS", str(tmp_path / "elsewhere"))
+    for cls in (C.GenerateConfig, C.EditConfig):
+        assert C.make_config(cls, "smoke").output_root == str(tmp_path / "elsewhere")
+    # --out (an override) and a config file still win over the environment.
+    assert C.make_config(C.GenerateConfig, "smoke", [f"output_root={tmp_path}"]).output_root == str(tmp_path)
+
+
+def test_a_preset_key_another_kind_lacks_is_skipped():
+    """Presets tune generate's sections; an edit's guidance section has other keys."""
+    for key in C.preset_overrides("smoke"):
+        C.get_value(C.GenerateConfig(), key)  # every preset key is a generate key
+    edit = C.make_config(C.EditConfig, "smoke")
+    assert edit.checkpoint_every == C.preset_overrides("smoke")["checkpoint_every"]
+
+
 def test_export_formats_accept_comma_list():
     cfg = C.make_config(C.ExportConfig, overrides=["formats=glb,video"])
     assert cfg.formats == ("glb", "video")
@@ -130,10 +185,13 @@ def test_every_field_is_documented(cls):
 
 
 @pytest.mark.parametrize("text, message", [("fine:\n  dmtet_resolution: [12\n  lr: : 1\n", "not valid YAML"),
-                                           (None, "does not exist")])
+                                           (None, "does not exist"), ("[" * 50_000, "nested too deeply"),
+                                           ("folder", "is a folder")])
 def test_unreadable_saved_config_is_one_line_naming_the_file(tmp_path, text, message):
     path = tmp_path / "config.yaml"
-    if text is not None:
+    if text == "folder":
+        path.mkdir()
+    elif text is not None:
         path.write_text(text)
     with pytest.raises(C.ConfigError) as info:
         C.load_config(C.GenerateConfig, path)

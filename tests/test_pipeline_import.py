@@ -62,10 +62,13 @@ def test_normalise_moves_a_centimetre_mesh_onto_the_prior(prior, tmp_path):
     (None, "does not exist"),
     ("this is not a mesh\n", "cannot read|no triangles"),
     ("flat", "flat"),
+    ("folder", "is a folder, not a mesh file"),
 ])
 def test_bad_meshes_fail_before_any_run_folder(tmp_path, content, match):
     path = tmp_path / "head.obj"
-    if content == "flat":
+    if content == "folder":
+        path.mkdir()
+    elif content == "flat":
         trimesh.Trimesh([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], [[0, 1, 2], [1, 3, 2]]).export(path)
     elif content is not None:
         path.write_text(content)
@@ -95,6 +98,27 @@ def test_import_writes_a_run_folder_that_resumes_without_the_original(prior, tmp
     assert all(k in rows[-1] for k in ("rgb", "silhouette", "normal", "laplacian"))
     avatar = load_avatar(ws.root)
     assert avatar.kind == "import" and avatar.prompt == "a bumped head" and avatar.has_fine
+
+
+def test_an_import_built_before_its_run_folder_writes_the_same_target(prior, tmp_path, one_thread):
+    """The CLI builds the run (prior, mesh, target) before it creates the run folder; the
+    normalised copy then reaches the folder with run.json, byte for byte what a run built in
+    its folder writes, and a resume reads it."""
+    from avatar.pipeline.import_mesh import ImportRun, import_config
+
+    path = user_mesh(prior, tmp_path)
+    cfg = import_config(make_config(GenerateConfig, "smoke", ["prompt=x", *TINY_SIZES, "fine.steps=2",
+                                                              "checkpoint_every=100", "preview_every=100"]))
+    in_folder = Workspace.create(tmp_path / "a", "import")
+    ImportRun(cfg, in_folder, path, progress=False)  # writes the copy while it is built
+    run = ImportRun(cfg, None, path, progress=False)
+    assert not (tmp_path / "b").exists()
+    run.ws = Workspace.create(tmp_path / "b", "import")
+    assert not (run.ws.root / TARGET_NAME).exists()
+    run.run(stop_after=1)
+    assert (run.ws.root / TARGET_NAME).read_bytes() == (in_folder.root / TARGET_NAME).read_bytes()
+    path.unlink()
+    assert run_import(run.ws.load_config(GenerateConfig), path, run.ws, progress=False, resume=True)["finished"]
 
 
 def test_a_closed_mesh_starts_from_its_own_shape_an_open_one_from_the_prior(prior, tmp_path, one_thread):
