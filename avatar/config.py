@@ -22,13 +22,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from avatar.errors import AvatarError
+from avatar.paths import outputs_root
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 """Bumped when a saved config can no longer be read by this code."""
 
 
@@ -65,18 +66,24 @@ class GuidanceConfig:
     controlnet: str = "CrucibleAI/ControlNetMediaPipeFace/diffusion_sd15"
     """Landmark ControlNet (MediaPipe face): hub id (``owner/name[/subfolder]``) or local folder;
     empty to disable."""
-    negative_prompt: str = "blurry, low quality, deformed, cropped, multiple faces"
-    """Negative prompt used for classifier-free guidance."""
-    guidance_scale: float = 100.0
+    negative_prompt: str = ""
+    """Negative prompt of classifier-free guidance: empty, as HeadSculpt (``--negative``,
+    main.py:17); at CFG 100 any negative text turns the guidance direction everywhere. Try e.g.
+    ``"blurry, low quality, deformed, cropped, multiple faces"`` against Janus faces."""
+    guidance_scale: float = 101.0
     """Classifier-free guidance weight for score distillation, in the standard CFG form
-    ``eps_u + s (eps_c - eps_u)``. HeadSculpt's generation SDS writes ``eps_c + s (eps_c - eps_u)``,
-    so s_ours = s_HS + 1: its 100 is 101 here (100 here is 99 there, a 1% difference)."""
+    ``eps_u + s (eps_c - eps_u)``. HeadSculpt's generation SDS writes ``eps_c + s (eps_c - eps_u)``
+    (sd.py:370), so s_ours = s_HS + 1: its 100 is 101 here."""
     controlnet_scale: float = 1.0
     """Strength of the landmark ControlNet residuals."""
     half_precision: bool = True
-    """Run the diffusion model in fp16 on CUDA (ignored on CPU)."""
+    """Run the UNet, ControlNet and image encoder in half precision on CUDA (``half_dtype``); the
+    fields, renderers and the SDS gradient stay fp32. Ignored on the CPU."""
+    half_dtype: str = "auto"
+    """Half precision type on CUDA: ``auto`` (bf16 where the card supports it, else fp16), ``fp16``
+    or ``bf16``."""
     attention_slicing: bool = False
-    """Compute attention in slices to save memory at some speed cost."""
+    """Compute attention in slices to save memory at some speed cost (off: PyTorch's fused attention)."""
     cpu_offload: bool = False
     """Keep model parts on the CPU until used (needs accelerate); for GPUs with little memory."""
     back_view_embedding: str = ""
@@ -88,19 +95,28 @@ class GuidanceConfig:
     grad_clip: float = 0.0
     """Clamp each element of the SDS gradient to +-grad_clip (0 disables)."""
     vae_resolution: int = 512
-    """RGB renders are resized to this before the VAE encoder (SD 1.5 is trained at 512)."""
+    """RGB renders are resized to this before the image encoder (SD 1.5 is trained at 512)."""
+    encoder: str = "sd"
+    """Image encoder of score distillation (renders -> latents, backpropagated every step): ``sd``
+    (Stable Diffusion's VAE, a posterior sample) or ``tiny-ae`` (``tiny_ae``: TAESD, the same
+    latent space at about a ninth of the encoder's cost). Oracle guidance ignores it."""
+    tiny_ae: str = "madebyollin/taesd"
+    """Where the ``tiny-ae`` encoder's weights are: a hub id or a local diffusers folder
+    (diffusers' ``AutoencoderTiny``); ``--guidance tiny`` uses a tiny random one."""
     channels_last: bool = False
-    """Store UNet/ControlNet weights channels-last (faster convolutions on recent GPUs)."""
+    """Store the UNet, ControlNet and image encoder channels-last (faster convolutions on recent GPUs)."""
     compile: bool = False
-    """Wrap the UNet in torch.compile (slow first step, faster afterwards)."""
+    """torch.compile the UNet, ControlNet and image encoder (the first step of each stage compiles;
+    later ones are faster). Needs a C++ compiler (and Triton on CUDA)."""
 
 
 @dataclass
 class CameraConfig:
     polar_range: tuple[float, float] = (20.0, 110.0)
     """Polar angle range in degrees, measured from +Y (up): 90 is level with the face."""
-    radius_range: tuple[float, float] = (1.0, 1.5)
-    """Camera distance range from the head centre, in field units."""
+    radius_range: tuple[float, float] = (0.79, 1.18)
+    """Camera distance range from the head centre, in field units: HeadSculpt's (1.0, 1.5)
+    (main.py:93) at its 3.18 units per metre, i.e. 0.31-0.47 m, the same apparent head size."""
     fov_range: tuple[float, float] = (30.0, 50.0)
     """Vertical field-of-view range in degrees."""
     front_sector: float = 70.0
@@ -111,9 +127,10 @@ class CameraConfig:
     """Cameras with a polar angle below this (degrees) are labelled ``overhead`` (prompt "overhead
     view of head"); 0 disables the label, as HeadSculpt does (its polar overrides are commented
     out), so every camera gets its azimuth sector's label and prompt."""
-    sector_probs: tuple[float, float, float] = (0.4, 0.35, 0.25)
-    """Probabilities of sampling the front, side and back sectors."""
-    look_at_jitter: float = 0.05
+    sector_probs: tuple[float, float, float] = (0.25, 0.5, 0.25)
+    """Probabilities of sampling the front, side (either side) and back sectors: HeadSculpt's four
+    equally likely sectors (provider.py:93-109)."""
+    look_at_jitter: float = 0.0
     """Standard deviation of the look-at point jitter, in field units."""
 
 
@@ -131,8 +148,23 @@ class StageConfig:
     """Learning rate of the small MLPs (Adam)."""
     t_range: tuple[float, float] = (0.02, 0.98)
     """Diffusion timestep range sampled for score distillation, as fractions of the schedule."""
-    shading_probs: tuple[float, float, float] = (0.5, 0.3, 0.2)
-    """Per-step probabilities of albedo, Lambertian and textureless shading."""
+    shading_probs: tuple[float, ...] = (0.0, 0.8, 0.0, 0.2)
+    """Per-step probabilities of albedo, Lambertian, textureless and normal-map shading after
+    the warm-up (HeadSculpt: 80% Lambertian, 20% normal map, utils.py:413-419). Three values
+    (albedo, Lambertian, textureless) are read as four with no normal-map steps."""
+    ambient_range: tuple[float, float] = (0.1, 1.0)
+    """Range of the ambient fraction of the light, drawn uniformly per step for Lambertian and
+    textureless shading (HeadSculpt: U(0.1, 1.0)); equal ends fix it."""
+    normal_warmup_steps: int = 0
+    """Steps at the start of the stage rendered as normal maps only, before the shading mix
+    (HeadSculpt's 2000-step warm-up, utils.py:401-411). The coarse stage passes the normal map
+    and opacity straight to the denoiser as latents during them (``coarse.warmup_latents``)."""
+    background: str = "white"
+    """Backdrop of the renders: ``white``, or ``learned`` (a small MLP of the view direction,
+    coarse stage only, as HeadSculpt's NeRF learns its background)."""
+    random_background_prob: float = 0.5
+    """Probability, per step after the warm-up, of rendering over one random solid colour instead
+    (HeadSculpt, utils.py:422-425): the backdrop cannot stand in for the head."""
     t_anneal: str = "none"
     """Timestep schedule: ``none`` (uniform in t_range), ``linear`` (upper bound falls to
     ``t_anneal_to`` over the stage) or ``sqrt`` (a decreasing t, HiFA's schedule)."""
@@ -150,8 +182,11 @@ class StageConfig:
 
 @dataclass
 class CoarseStageConfig(StageConfig):
-    samples_per_ray: int = 128
-    """Maximum samples per ray of the volume renderer."""
+    normal_warmup_steps: int = 2000
+    background: str = "learned"
+    samples_per_ray: int = 1024
+    """Lattice steps across the field cube's diagonal, the most samples a ray takes (HeadSculpt's
+    1024, main.py:91: a 3.5 mm step at 2.5 units per metre)."""
     occupancy_update_every: int = 16
     """Refresh the occupancy grid (empty-space skipping) every this many steps."""
     occupancy_resolution: int = 128
@@ -160,8 +195,17 @@ class CoarseStageConfig(StageConfig):
     """Width (metres) of the smooth step turning the prior's SDF into initial density."""
     lambda_opacity: float = 1e-3
     """Weight of the opacity sparsity regulariser."""
-    lambda_orientation: float = 1e-2
-    """Weight of the normal-orientation regulariser (DreamFusion)."""
+    lambda_orientation: float = 5e-4
+    """Weight of the normal-orientation regulariser (DreamFusion eq. 6), a mean over the rays'
+    samples of w max(n.d, 0)^2, as HeadSculpt weighs it (5e-4, main.py:106)."""
+    orientation_per_ray: bool = False
+    """Sum the orientation term along each ray and average over rays (the form before version 2
+    of the config, kept for runs that started with it) instead of averaging over samples."""
+    warmup_latents: bool = True
+    """During ``normal_warmup_steps``, feed the normal map and opacity, resized to the latent
+    size and mapped to [-1, 1], to a diffusion model directly as its 4 latent channels (no
+    encoder; HeadSculpt's and Fantasia3D's fast geometry start). Other guidance (the oracle)
+    gets the normal map as an image."""
     normal_eps: float = 8e-3
     """Finite-difference step (field units) of the NeRF's density-gradient normals: HeadSculpt's
     1e-2 of its units (3.1 mm) rescaled to our 2.5 units per metre."""
@@ -169,10 +213,13 @@ class CoarseStageConfig(StageConfig):
 
 @dataclass
 class FineStageConfig(StageConfig):
-    steps: int = 3000
+    steps: int = 7000
     resolution: int = 512
     t_range: tuple[float, float] = (0.02, 0.5)
-    lr: float = 5e-3
+    lr: float = 1e-2
+    """Learning rate of the SDF, held in [-1, 1] (one grid cell of distance per unit, saturated
+    beyond), and of the vertex offsets: HeadSculpt's 1e-2 (network_grid.py:288-289)."""
+    normal_warmup_steps: int = 2000
     dmtet_resolution: int = 156
     """DMTet grid resolution: cubic cells along the longest side of the grid's box (the head
     prior's bounding box plus ``grid_margin`` and ``grid_headroom``); the other sides get as
@@ -188,10 +235,15 @@ class FineStageConfig(StageConfig):
     hats and hair must fit in it (a surface cannot grow past the grid)."""
     deform_scale: float = 0.5
     """Bound on DMTet vertex offsets, in grid cells."""
-    lambda_laplacian: float = 1e3
-    """Weight of the Laplacian smoothness regulariser."""
-    lambda_normal: float = 1e2
-    """Weight of the normal-consistency regulariser."""
+    lambda_laplacian: float = 0.25
+    """Weight of the Laplacian smoothness regulariser, the mean length (unsquared, field units) of
+    each vertex's offset from its neighbours' mean: HeadSculpt's 0.2 (main.py:109) in its
+    units, 0.25 in ours."""
+    laplacian_squared: bool = False
+    """Average the squared Laplacian length instead (the form before version 2 of the config,
+    kept for runs that started with it)."""
+    lambda_normal: float = 0.0
+    """Weight of the normal-consistency regulariser (HeadSculpt: 0)."""
     texture_lr: float = 1e-2
     """Learning rate of the texture field's hash grid."""
 
@@ -204,8 +256,8 @@ class RunConfig:
     """Random seed; a fixed seed on the CPU gives bit-identical runs."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda[:N]``."""
-    output_root: str = "outputs"
-    """Parent folder of run folders."""
+    output_root: str = field(default_factory=lambda: str(outputs_root()))
+    """Parent folder of run folders (default: ``AVATAR_OUTPUTS``, else ``outputs``)."""
     checkpoint_every: int = 500
     """Write a checkpoint every this many steps (and at each stage end)."""
     keep_checkpoints: int = 3
@@ -263,6 +315,9 @@ class EditGuidanceConfig:
 
 @dataclass
 class EditConfig(RunConfig):
+    preset_keeps: ClassVar[tuple[str, ...]] = ("fine.normal_warmup_steps", "fine.lr")
+    """Keys whose edit defaults no preset changes (the presets' values are generation's)."""
+
     instruction: str = ""
     """What to change, e.g. ``give him a red woollen hat``."""
     source_prompt: str = ""
@@ -282,8 +337,11 @@ class EditConfig(RunConfig):
     """Editing guidance (IESD)."""
     cameras: CameraConfig = field(default_factory=CameraConfig)
     """Random training cameras."""
-    fine: FineStageConfig = field(default_factory=lambda: FineStageConfig(steps=1500))
-    """Fine-stage settings used while editing."""
+    fine: FineStageConfig = field(default_factory=lambda: FineStageConfig(steps=1500, normal_warmup_steps=0, lr=5e-2))
+    """Fine-stage settings used while editing. No normal warm-up (the source is already
+    textured), and the SDF learning rate 5e-2 rather than generation's 1e-2: a DMTet surface
+    grows about ``lr`` cells per step, and an edit has 1500 steps where HeadSculpt's has 7000
+    (its ``--iters``), so a hat can grow as far as in HeadSculpt's edit."""
 
 
 @dataclass
@@ -313,11 +371,14 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         "quality",
         {
             "coarse.steps": 2000,
+            "coarse.normal_warmup_steps": 500,
             "fine.steps": 1500,
+            "fine.normal_warmup_steps": 400,
             "fine.resolution": 256,
             "fine.dmtet_resolution": 96,
             "checkpoint_every": 250,
             "preview_every": 250,
+            "guidance.encoder": "tiny-ae",
         },
     ),
     "smoke": (
@@ -325,10 +386,12 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
         {
             "device": "cpu",
             "coarse.steps": 150,
+            "coarse.normal_warmup_steps": 30,
             "coarse.resolution": 32,
             "coarse.samples_per_ray": 48,
             "coarse.occupancy_update_every": 8,
             "fine.steps": 150,
+            "fine.normal_warmup_steps": 20,
             "fine.resolution": 64,
             "fine.dmtet_resolution": 22,
             "coarse.n_levels": 8,
@@ -366,9 +429,11 @@ def make_config(cls: type[C], preset: str = "quality", overrides: list[str] | No
                 config_file: str | Path | None = None) -> C:
     """Build a config: defaults -> preset -> YAML file -> ``key=value`` overrides."""
     cfg = cls()
+    known = set(all_keys(cls))
     for key, value in preset_overrides(preset).items():
-        # A preset may tune sections (coarse.*) that a config kind does not have.
-        if _has_key(cls, key.split(".")[0]):
+        # A preset may tune sections (coarse.*) or keys (guidance.encoder) that a config kind
+        # does not have: an edit's guidance section is not generate's.
+        if key in known and key not in getattr(cls, "preset_keeps", ()):
             set_value(cfg, key, value)
     if hasattr(cfg, "preset"):
         cfg.preset = preset
@@ -434,10 +499,23 @@ def get_value(cfg: Any, key: str) -> Any:
     return getattr(obj, name)
 
 
+SEED_RANGE = (0, 2**32)
+"""Seeds NumPy accepts (``seed_everything`` seeds it too): checked when a config is built, so a bad
+``--seed`` is refused before anything is written."""
+
+
+def _checked(key: str, value: Any) -> Any:
+    """``value`` after the checks of its key that its type cannot express."""
+    if key == "seed" and not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ConfigError(f"seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1] - 1}, got {value}: "
+                          "pass e.g. --seed 0")
+    return value
+
+
 def set_value(cfg: Any, key: str, value: Any) -> None:
     """Set a dotted key after checking and converting the value to the field's type."""
     obj, name, tp = _resolve(cfg, key)
-    setattr(obj, name, coerce(value, tp, key))
+    setattr(obj, name, _checked(key, coerce(value, tp, key)))
 
 
 def parse_value(cfg: Any, key: str, text: str) -> Any:
@@ -472,6 +550,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3, 1E3 and inf as strings: take every spelling float() takes.
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -481,7 +565,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if origin is tuple:
         args = typing.get_args(tp)
-        if isinstance(value, str) and args[-1] is Ellipsis:
+        if isinstance(value, str) and (args[-1] is Ellipsis or "," in value):  # --set cameras.fov_range=25,45
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad
@@ -535,7 +619,10 @@ def merge_dict(cfg: C, data: dict[str, Any], source: str = "config") -> C:
                     walk(key + ".", value)
                     continue
                 raise ConfigError(f"{source}: {exc}") from None
-            setattr(obj, fname, coerce(value, tp, key))
+            try:
+                setattr(obj, fname, _checked(key, coerce(value, tp, key)))
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
 
     walk("", data)
     return cfg
@@ -558,6 +645,8 @@ def read_config_file(path: str | Path) -> Any:
     """The parsed YAML of a config file; :class:`ConfigError` (one line, naming the file) when
     it is missing, unreadable or not YAML."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -570,6 +659,9 @@ def read_config_file(path: str | Path) -> Any:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML ({_yaml_problem(exc)}): fix the file or restore it "
                           "from a backup") from exc
+    except RecursionError as exc:  # PyYAML recurses once per level of nesting
+        raise ConfigError(f"{path} is not a config file (its YAML is nested too deeply): fix the file or "
+                          "restore it from a backup") from exc
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -588,8 +680,32 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
+LEGACY_VALUES: dict[int, dict[str, Any]] = {
+    1: {
+        # Version 2 took HeadSculpt's recipe (docs/METHOD.md). A run saved before it lacks these
+        # keys; these values keep it running as it started (no warm-up, a fixed ambient, white
+        # backdrops, the old regulariser forms).
+        "coarse.normal_warmup_steps": 0, "fine.normal_warmup_steps": 0,
+        "coarse.ambient_range": (0.25, 0.25), "fine.ambient_range": (0.25, 0.25),
+        "coarse.background": "white", "coarse.random_background_prob": 0.0, "fine.random_background_prob": 0.0,
+        "coarse.orientation_per_ray": True, "fine.laplacian_squared": True,
+    },
+}
+"""Config version -> the values that reproduce that version's behaviour for keys its files lack."""
+
+
+def _has_dotted(data: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
 def load_config(cls: type[C], path: str | Path) -> C:
-    """Read a config saved by :func:`save_config` (refusing newer versions)."""
+    """Read a config saved by :func:`save_config` (refusing newer versions). Keys a file of an
+    older version lacks take that version's behaviour (:data:`LEGACY_VALUES`), not today's
+    defaults, so a run resumes as it started."""
     path = Path(path)
     raw = read_config_file(path) or {}
     version = raw.get("config_version", CONFIG_VERSION) if isinstance(raw, dict) else CONFIG_VERSION
@@ -598,7 +714,14 @@ def load_config(cls: type[C], path: str | Path) -> C:
             f"{path} was written by a newer avatar (config version {version}, this one reads "
             f"{CONFIG_VERSION}): upgrade avatar (pip install -U avatar) to use it"
         )
-    return from_dict(cls, read_yaml(path), source=str(path))
+    data = read_yaml(path)
+    cfg = cls()
+    known = set(all_keys(cls))
+    for old in range(version, CONFIG_VERSION):
+        for key, value in LEGACY_VALUES.get(old, {}).items():
+            if key in known and not _has_dotted(data, key):
+                set_value(cfg, key, value)
+    return merge_dict(cfg, data, source=str(path))
 
 
 # ---------------------------------------------------------------------------

@@ -156,9 +156,9 @@ def test_controlnet_source_is_albedo_and_the_oracle_target_is_shaded_alike(tiny_
         result = original_objective(self, out, cameras, step)
         albedo = self.render_source(cameras).rgb
         torch.testing.assert_close(seen[-1], albedo, atol=0, rtol=0)
-        shaded = self.render_source(cameras, self.shading, self.light).rgb
+        shaded = self.render_source(cameras, self.look).rgb
         torch.testing.assert_close(self.guidance.predictor.render_source(cameras), shaded, atol=0, rtol=0)
-        checks.append((self.shading, bool((albedo - shaded).abs().max() > 0.05)))
+        checks.append((self.look.shading, bool((albedo - shaded).abs().max() > 0.05)))
         return result
 
     checks = []
@@ -168,6 +168,66 @@ def test_controlnet_source_is_albedo_and_the_oracle_target_is_shaded_alike(tiny_
              progress=False)
     # Every step was lit, and there the shaded source differs from the albedo one the ControlNet saw.
     assert checks == [("lambertian", True)] * 3
+
+
+ALBEDO_ON_WHITE = ["fine.normal_warmup_steps=0", "fine.shading_probs=[1, 0, 0]", "fine.random_background_prob=0"]
+"""Steps that render albedo on white, as the held-out comparison below does."""
+
+
+def test_strength_reaches_the_guidance_and_decides_the_result(tiny_source, one_thread, monkeypatch):
+    """--strength end to end through run_edit: the guidance mixes with w_edit = strength, and
+    with the oracle pair strength 0 keeps the avatar near the source (only regularisers and
+    rounding move it) while strength 1 pulls it toward the hat. Measured on held-out views
+    after 6 steps: image MSE to the source 8e-5 at strength 0, 1.8e-3 at strength 1."""
+    from avatar.guidance.sds import ScoreDistillation
+    from avatar.render.cameras import orbit_cameras
+    from avatar.render.mesh import MeshRenderer
+
+    source, hat = tiny_source
+    weights: list[float] = []
+    original = ScoreDistillation.score_distillation
+
+    def spy(self, *args, **kwargs):
+        weights.append(self.predictor.edit_weight)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreDistillation, "score_distillation", spy)
+    cams = orbit_cameras(4, elevation=10.0, radius=1.3, resolution=32, start_azimuth=22.5)
+    renderer = MeshRenderer()
+
+    @torch.no_grad()
+    def rgb(avatar):
+        return renderer.render(cams, avatar.vertices, avatar.faces, albedo=avatar.texture).rgb
+
+    before = rgb(load_avatar(source))
+    drift = {}
+    for strength in (0.0, 1.0):
+        weights.clear()
+        summary = run_edit(edit_config(f"guidance.model=oracle:{hat}", "fine.steps=6", f"strength={strength}",
+                                       *ALBEDO_ON_WHITE), source, progress=False)
+        assert weights == [strength] * 6
+        assert json.loads((Path(summary["run"]) / "run.json").read_text())["strength"] == strength
+        drift[strength] = float((rgb(load_avatar(summary["run"])) - before).pow(2).mean())
+    assert drift[1.0] > 5 * drift[0.0], drift
+
+
+def test_tiny_iesd_guidance_takes_the_strength(one_thread):
+    """The factory's IESD branch (a diffusion model; tiny here) mixes with w_edit = strength,
+    and the strength changes the prediction."""
+    from avatar.config import EditGuidanceConfig, GuidanceConfig
+    from avatar.guidance import make_edit_guidance
+
+    base = GuidanceConfig(model="tiny", half_precision=False)
+    cfg = EditGuidanceConfig(model="tiny", half_precision=False)
+    latents, noise, t = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.tensor([300, 600])
+    src, landmarks = torch.rand(2, 32, 32, 3), torch.rand(2, 32, 32, 3)
+    eps = {}
+    for strength in (0.0, 0.3):
+        g = make_edit_guidance(cfg, "an old sea captain", "give him a hat", strength=strength, base=base)
+        assert g.predictor.edit_weight == strength
+        eps[strength] = g(latents, ["front", "back"], landmarks, as_latent=True, t=t, noise=noise,
+                          source_images=src).eps_hat
+    assert not torch.allclose(eps[0.0], eps[0.3])
 
 
 def test_bad_inputs_fail_before_any_folder(tiny_source, tmp_path, one_thread):
@@ -231,7 +291,7 @@ def _head_shell():
     return max(prior.neutral_mesh().split(only_watertight=False), key=lambda m: len(m.faces))
 
 
-ORACLE_EDIT = ["fine.steps=120", "fine.resolution=64", "fine.lr=0.005"]
+ORACLE_EDIT = ["fine.steps=120", "fine.resolution=64"]
 """The oracle edits' settings (all strengths alike)."""
 
 
@@ -310,7 +370,7 @@ def test_tiny_smoke_edit_of_the_smoke_run_and_a_chained_edit(smoke_run):
     first = run_edit(cfg, run, progress=False)
     seconds = time.perf_counter() - started
     print(f"tiny smoke edit: {seconds:.1f} s for {first['step']} steps")
-    assert first["finished"] and first["guidance"] == "tiny" and seconds < 300
+    assert first["finished"] and first["guidance"] == "tiny"  # its time goal is measured in benchmarks/
     assert source_hashes(run) == before
     chained_cfg = make_config(EditConfig, "smoke", ["instruction=make the hat blue", "guidance.model=tiny",
                                                     "seed=1", "fine.steps=5"])

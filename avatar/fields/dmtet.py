@@ -18,6 +18,10 @@ from avatar.fields.frame import FieldFrame
 from avatar.fields.nerf import hash_grid, mlp
 from avatar.ops.marching_tets import TetGridSpec, marching_tetrahedra, tetrahedral_grid
 
+SDF_UNITS = "cells"
+"""What one unit of the stored SDF is: a grid cell. States written before this (no
+``sdf_units`` in their extra state) hold field units and are converted on load."""
+
 GRID_STATE_KEY = "_extra_state"
 """The key (under the geometry's prefix) of the grid's definition in a state dict."""
 
@@ -33,6 +37,9 @@ class DMTetGeometry(nn.Module):
         over the whole field cube.
     sdf_init: callable (V, 3) field units -> (V,) signed distance in field units
         (negative inside), e.g. the prior's SDF or one derived from the coarse density.
+        It is stored in grid cells and clamped to [-1, 1] (:data:`SDF_UNITS`): exact within
+        a cell of the surface, saturated beyond, as HeadSculpt keeps its DMTet SDF in
+        [-1, 1] (renderer.py:863), so a learning rate of 1e-2 moves it by 1% of its range.
     deform_scale: bound on each vertex's offset, in cells.
     device: where the grid is built and the parameters live (the run's device).
 
@@ -56,7 +63,8 @@ class DMTetGeometry(nn.Module):
         self.cell = self.spec.cell
         self.deform_scale = deform_scale
         init = sdf_init(verts) if sdf_init is not None else verts.norm(dim=-1) - 0.5 * self.frame.bound
-        self.sdf = nn.Parameter(init.detach().to(device=verts.device, dtype=torch.float32).clone())
+        init = (init.detach().to(device=verts.device, dtype=torch.float32) / self.cell).clamp(-1.0, 1.0)
+        self.sdf = nn.Parameter(init.clone())
         self.deform = nn.Parameter(torch.zeros_like(verts))
 
     @classmethod
@@ -77,7 +85,7 @@ class DMTetGeometry(nn.Module):
         return marching_tetrahedra(self.vertices(), self.tets, self.sdf)
 
     def get_extra_state(self) -> dict:
-        return {"grid": self.spec.to_dict()}
+        return {"grid": self.spec.to_dict(), "sdf_units": SDF_UNITS}
 
     def set_extra_state(self, state: dict) -> None:
         pass  # checked in _load_from_state_dict, before the parameters are copied
@@ -88,13 +96,24 @@ class DMTetGeometry(nn.Module):
         spec = grid_of_state(local)
         for name in LEGACY_GRID_KEYS:
             state_dict.pop(prefix + name, None)
-        state_dict.setdefault(prefix + GRID_STATE_KEY, {"grid": spec.to_dict()})
+        if sdf_in_field_units(local) and prefix + "sdf" in state_dict:
+            # Written before the SDF was kept in cells: the same surface, in cells (not clamped,
+            # so every zero crossing stays where it was). The caller's tensor is not changed.
+            state_dict[prefix + "sdf"] = state_dict[prefix + "sdf"] / spec.cell
+        state_dict[prefix + GRID_STATE_KEY] = {"grid": spec.to_dict(), "sdf_units": SDF_UNITS}
         if not _same_grid(spec, self.spec):
             raise ValueError(f"the saved geometry is of a grid of {spec.cells} cells of {spec.cell:.5g} from "
                              f"{_fmt(spec.origin)}, this one of {self.spec.cells} cells of {self.spec.cell:.5g} "
                              f"from {_fmt(self.spec.origin)}: build it with DMTetGeometry.from_state_dict")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def sdf_in_field_units(state: dict) -> bool:
+    """Whether a saved geometry state (keys without the module prefix) holds its SDF in field
+    units, as states written before the SDF was kept in cells (:data:`SDF_UNITS`) do."""
+    extra = state.get(GRID_STATE_KEY)
+    return not (isinstance(extra, dict) and extra.get("sdf_units") == SDF_UNITS)
 
 
 def grid_of_state(state: dict) -> TetGridSpec:
@@ -159,9 +178,10 @@ class TextureField(nn.Module):
         return True
 
 
-def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Mean squared uniform-Laplacian of the mesh (each vertex vs the mean of its
-    neighbours): penalises bumps and spikes."""
+def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor, squared: bool = False) -> torch.Tensor:
+    """Mean length of the uniform Laplacian of the mesh (each vertex vs the mean of its
+    neighbours), as HeadSculpt's ``laplacian_smooth_loss`` (renderer.py:230-268): penalises
+    bumps and spikes. ``squared`` averages the squared length instead."""
     f = faces.long()
     edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
     edges = torch.cat([edges, edges.flip(1)])
@@ -170,7 +190,9 @@ def laplacian_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     degree = torch.zeros(n, device=verts.device, dtype=verts.dtype).index_add(
         0, edges[:, 0], torch.ones(edges.shape[0], device=verts.device, dtype=verts.dtype))
     lap = verts - neigh_sum / degree.clamp(min=1)[:, None]
-    return lap.pow(2).sum(-1).mean()
+    sq = lap.pow(2).sum(-1)
+    # The length's gradient is undefined at zero (a flat patch): a tiny floor keeps it finite.
+    return sq.mean() if squared else (sq + 1e-20).sqrt().mean()
 
 
 def normal_consistency_loss(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

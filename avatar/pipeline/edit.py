@@ -56,7 +56,15 @@ import torch
 
 from avatar.errors import AvatarError
 from avatar.fields.frame import FieldFrame
-from avatar.pipeline.generate import PREVIEW_VIEWS, GenerateError, GenerateRun, MeshTarget, validate_config
+from avatar.pipeline.generate import (
+    PREVIEW_VIEWS,
+    GenerateError,
+    GenerateRun,
+    MeshTarget,
+    StepLook,
+    nonfinite_term,
+    validate_config,
+)
 
 SOURCE_FINE_FIELDS = ("dmtet_resolution", "grid_margin", "grid_headroom", "deform_scale", "n_levels",
                       "log2_hashmap_size", "max_resolution", "hidden")
@@ -126,10 +134,11 @@ def loop_config(cfg: Any, source: Any) -> Any:
     fine = cfg.fine
     if cfg.texture_only:
         # A textureless render shows only the (locked) geometry: nothing to learn from it.
-        albedo, lambert, _ = fine.shading_probs
+        # Nor does a normal map; and the normal warm-up would teach nothing either.
+        albedo, lambert = fine.shading_probs[:2]
         total = albedo + lambert
-        probs = (albedo / total, lambert / total, 0.0) if total > 0 else (1.0, 0.0, 0.0)
-        fine = dataclasses.replace(fine, shading_probs=probs)
+        probs = (albedo / total, lambert / total, 0.0, 0.0) if total > 0 else (1.0, 0.0, 0.0, 0.0)
+        fine = dataclasses.replace(fine, shading_probs=probs, normal_warmup_steps=0)
     return GenerateConfig(**shared, prompt=cfg.instruction, preset=cfg.preset,
                           prior=PriorConfig(spec=source.prior_spec), guidance=source_guidance_config(source),
                           cameras=cfg.cameras, coarse=CoarseStageConfig(steps=0), fine=fine)
@@ -240,19 +249,25 @@ class EditRun(GenerateRun):
 
     # -- one step --------------------------------------------------------------
     @torch.no_grad()
-    def render_source(self, cameras: Any, shading: str = "albedo", light: torch.Tensor | None = None) -> Any:
-        """The frozen source avatar from ``cameras``: a RenderOutput (rgb (B, H, W, 3) in [0, 1])."""
+    def render_source(self, cameras: Any, look: Any = None) -> Any:
+        """The frozen source avatar from ``cameras``: a RenderOutput (rgb (B, H, W, 3) in [0, 1]).
+        look: a :class:`~avatar.pipeline.generate.StepLook`; None renders albedo over white
+        (ambient 1, no light)."""
+        if look is None:
+            return self.source_renderer.render(cameras, self.source_vertices, self.source_faces,
+                                               albedo=self.source_texture, background="white")
         return self.source_renderer.render(cameras, self.source_vertices, self.source_faces,
-                                           albedo=self.source_texture, shading=shading, light=light,
-                                           background="white")
+                                           albedo=self.source_texture, shading=look.shading, light=look.light,
+                                           ambient=look.ambient, background=look.solid_background())
 
     def source_like_step(self, cameras: Any) -> torch.Tensor:
-        """The frozen source rendered with this step's shading and light, like the live rendering:
-        (B, H, W, 3) in [0, 1]. The IESD oracle's identity target and the ``source_mse`` metric."""
+        """The frozen source rendered in this step's look (shading, light, ambient, backdrop), like
+        the live rendering: (B, H, W, 3) in [0, 1]. The IESD oracle's identity target and the
+        ``source_mse`` metric."""
         cached = getattr(self, "_source_like_step", None)
         if cached is not None and cached[0] is cameras:
             return cached[1]
-        return self.render_source(cameras, self.shading, self.light).rgb
+        return self.render_source(cameras, self.look).rgb
 
     def objective(self, out: Any, cameras: Any, local_step: int
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -260,14 +275,15 @@ class EditRun(GenerateRun):
         docs/METHOD.md E2), whatever this step's shading; the live rendering is compared with the
         source shaded alike."""
         source = self.render_source(cameras).rgb  # albedo: ambient 1, no light
-        alike = source if self.shading == "albedo" else self.render_source(cameras, self.shading, self.light).rgb
+        plain = self.look.shading == "albedo" and isinstance(self.look.solid_background(), str)
+        alike = source if plain else self.render_source(cameras, self.look).rgb
         self._source_like_step = (cameras, alike)
         control = self._control(cameras)
         sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step,
                                                source_images=source)
         drift = (out.rgb.detach() - alike).pow(2).mean()
         loss = sds.loss
-        terms = {"iesd": sds.loss.detach(), "source_mse": drift}
+        terms = {"iesd": sds.loss.detach(), "source_mse": drift, **nonfinite_term(sds)}
         # The anchor belongs to the identity side of IESD, whose share is 1 - strength.
         weight = float(self.edit_cfg.lambda_anchor) * (1.0 - float(self.edit_cfg.strength))
         if weight > 0 and not self.edit_cfg.texture_only:
@@ -276,7 +292,7 @@ class EditRun(GenerateRun):
                 self._anchor = (self.source.geometry.sdf.detach().to(geo.sdf.device),
                                 self.source.geometry.deform.detach().to(geo.deform.device))
             sdf0, deform0 = self._anchor
-            anchor = ((geo.sdf - sdf0) / geo.cell).pow(2).sum() + (geo.deform - deform0).pow(2).sum()
+            anchor = (geo.sdf - sdf0).pow(2).sum() + (geo.deform - deform0).pow(2).sum()  # the SDF is in cells
             loss = loss + weight * anchor
             terms["anchor"] = anchor.detach()
         return loss, terms, sds.t.float().mean()
@@ -315,7 +331,8 @@ class EditRun(GenerateRun):
         cams = orbit_cameras(PREVIEW_VIEWS, elevation=15.0, radius=1.3, fov_y=40.0,
                              resolution=self.edit_cfg.fine.resolution, device=self.device)
         after = self.fine.preview(cams)
-        channels = {"source": self.render_source(cams).rgb, "source normal": self.render_source(cams, "normal").rgb,
+        channels = {"source": self.render_source(cams).rgb,
+                    "source normal": self.render_source(cams, StepLook("normal")).rgb,
                     "edit": after["rgb"], "edit normal": after["normal"]}
         return save_preview(self.ws.previews_dir / BEFORE_AFTER, channels, prompt=self.edit_cfg.instruction,
                             step=self.step)

@@ -162,11 +162,27 @@ def validate_config(cfg: Any) -> None:
             problems.append(f"{name}.resolution must be >= 8 pixels, got {st.resolution}")
         if st.batch_size < 1:
             problems.append(f"{name}.batch_size must be >= 1, got {st.batch_size}")
-        if st.lr <= 0 or st.lr_mlp <= 0:
-            problems.append(f"{name}.lr and {name}.lr_mlp must be > 0")
+        rates = {"lr": st.lr, "lr_mlp": st.lr_mlp, **({"texture_lr": st.texture_lr} if name == "fine" else {})}
+        for key, rate in rates.items():
+            if not (math.isfinite(rate) and rate > 0):
+                problems.append(f"{name}.{key} must be a finite number > 0, got {rate}")
         lo, hi = st.t_range
         if not 0.0 <= lo < hi <= 1.0:
             problems.append(f"{name}.t_range must satisfy 0 <= low < high <= 1, got {st.t_range}")
+        probs = tuple(st.shading_probs)
+        if len(probs) not in (3, 4) or any(not p >= 0 for p in probs) or not sum(probs) > 0:
+            problems.append(f"{name}.shading_probs must be 3 or 4 probabilities (albedo, Lambertian, textureless"
+                            f"[, normal]) >= 0 with a positive sum, got {list(probs)}")
+        lo, hi = st.ambient_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            problems.append(f"{name}.ambient_range must satisfy 0 <= low <= high <= 1, got {st.ambient_range}")
+        if st.normal_warmup_steps < 0:
+            problems.append(f"{name}.normal_warmup_steps must be >= 0, got {st.normal_warmup_steps}")
+        if not 0.0 <= st.random_background_prob <= 1.0:
+            problems.append(f"{name}.random_background_prob must be in [0, 1], got {st.random_background_prob}")
+        allowed = ("white", "learned") if name == "coarse" else ("white",)
+        if st.background not in allowed:
+            problems.append(f"{name}.background must be one of {', '.join(allowed)}, got '{st.background}'")
     if cfg.coarse.steps + cfg.fine.steps == 0:
         problems.append("coarse.steps and fine.steps are both 0: nothing to do")
     if cfg.coarse.samples_per_ray < 4:
@@ -207,6 +223,9 @@ class MeshTarget:
         from avatar.render.mesh import MeshRenderer
 
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise GenerateError(f"oracle mesh {path} is a folder, not a mesh file: pass --guidance oracle:PATH to a "
+                                "GLB/OBJ/PLY file")
         if not path.is_file():
             raise GenerateError(f"oracle mesh {path} does not exist: pass --guidance oracle:PATH to a GLB/OBJ/PLY")
         try:
@@ -228,14 +247,70 @@ class MeshTarget:
             colours = position_colours(self.vertices.cpu())
         self.colours = colours.to(device)
         self.renderer = MeshRenderer(engine)
-        self.shading = "albedo"
-        self.light: torch.Tensor | None = None
+        self.look = StepLook()
 
     @torch.no_grad()
+    def render(self, cameras: Any) -> Any:
+        """The mesh from ``cameras`` in this step's look (a RenderOutput)."""
+        look = self.look
+        return self.renderer.render(cameras, self.vertices, self.faces, albedo=self.colours, shading=look.shading,
+                                    light=look.light, ambient=look.ambient, background=look.solid_background())
+
     def __call__(self, cameras: Any) -> torch.Tensor:
-        out = self.renderer.render(cameras, self.vertices, self.faces, albedo=self.colours, shading=self.shading,
-                                   light=self.light, background="white")
-        return out.rgb
+        return self.render(cameras).rgb
+
+
+def nonfinite_term(sds: Any) -> dict[str, Any]:
+    """``{"sds_nonfinite": share}`` of a guidance output that reports its non-finite share."""
+    value = getattr(sds, "extras", {}).get("nonfinite")
+    return {} if value is None else {"sds_nonfinite": value}
+
+
+class StepLook:
+    """How one step's renders look: shading, light, ambient and backdrop.
+
+    shading: ``albedo``, ``lambertian``, ``textureless`` or ``normal``. light: (B, 3) point
+    lights on the run's device (None for albedo and normal shading). ambient: the ambient
+    fraction. background: ``white``, a (3,) colour on the device, or a module (the coarse
+    stage's learned backdrop). The oracle's target and an edit's frozen source are rendered
+    in the same look as the live field, so the comparison is like for like.
+    """
+
+    def __init__(self, shading: str = "albedo", light: torch.Tensor | None = None, ambient: float = 1.0,
+                 background: Any = "white"):
+        self.shading, self.light, self.ambient, self.background = shading, light, ambient, background
+
+    def solid_background(self) -> Any:
+        """The backdrop for a mesh that has no learned one: the step's colour, else white."""
+        return self.background if isinstance(self.background, (str, torch.Tensor)) else "white"
+
+
+def sample_look(st: Any, local_step: int, eyes: torch.Tensor, generator: torch.Generator, device: torch.device,
+                default_background: Any = "white") -> StepLook:
+    """The look of one step of a stage (HeadSculpt's recipe, utils.py:401-425).
+
+    During ``st.normal_warmup_steps``: normal maps over the stage's backdrop. Afterwards:
+    shading drawn from ``st.shading_probs`` (albedo, Lambertian, textureless[, normal]), a
+    point light near each camera (``eyes``, (B, 3) on the host), the ambient fraction drawn
+    from ``st.ambient_range``, and with probability ``st.random_background_prob`` one random
+    solid colour as the backdrop. Every draw is made with ``generator`` (on the host), so
+    a resumed run draws exactly what an uninterrupted one would.
+    """
+    from avatar.render.shading import random_light, sample_shading
+    from avatar.seeding import draw
+
+    if local_step < st.normal_warmup_steps:
+        return StepLook("normal", None, 1.0, default_background)
+    probs = tuple(float(p) for p in st.shading_probs)
+    shading = sample_shading(probs + (0.0,) * (4 - len(probs)), generator)
+    light = random_light(eyes, generator).to(device, non_blocking=True)
+    lo, hi = (float(a) for a in st.ambient_range)
+    ambient = lo + (hi - lo) * float(draw(torch.rand, 1, generator=generator, dtype=torch.float64))
+    background = default_background
+    if st.random_background_prob > 0:
+        if float(draw(torch.rand, 1, generator=generator, dtype=torch.float64)) < st.random_background_prob:
+            background = draw(torch.rand, 3, generator=generator).to(device, non_blocking=True)
+    return StepLook(shading, None if shading in ("albedo", "normal") else light, ambient, background)
 
 
 def position_colours(points: torch.Tensor) -> torch.Tensor:
@@ -260,7 +335,7 @@ class CoarseStage:
     def __init__(self, cfg: Any, frame: FieldFrame, prior: Any, device: torch.device):
         from avatar.fields.nerf import NeRFField
         from avatar.ops.compositing import OccupancyGrid
-        from avatar.render.volume import VolumeRenderer
+        from avatar.render.volume import BackgroundMLP, VolumeRenderer
 
         c = cfg.coarse
         self.cfg = c
@@ -271,36 +346,55 @@ class CoarseStage:
         self.occupancy = OccupancyGrid(resolution=grid_res, update_every=c.occupancy_update_every).to(device)
         self.renderer = VolumeRenderer(self.field, frame.bound, c.samples_per_ray, self.occupancy,
                                        cfg.engines.composite)
+        # HeadSculpt's learned backdrop (network_grid.py:114-120), trained with the MLPs' rate.
+        self.background: Any = BackgroundMLP().to(device) if c.background == "learned" else "white"
+        self.base_lrs = {"encoding": c.lr, "mlp": c.lr_mlp, "background": c.lr_mlp}
+        self.optimizer = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.Adam:
+        c = self.cfg
         mlps = list(self.field.density_net.parameters()) + list(self.field.albedo_net.parameters())
-        self.base_lrs = {"encoding": c.lr, "mlp": c.lr_mlp}
-        self.optimizer = _adam([{"params": list(self.field.encoding.parameters()), "lr": c.lr, "name": "encoding"},
-                                {"params": mlps, "lr": c.lr_mlp, "name": "mlp"}])
+        groups = [{"params": list(self.field.encoding.parameters()), "lr": c.lr, "name": "encoding"},
+                  {"params": mlps, "lr": c.lr_mlp, "name": "mlp"}]
+        if isinstance(self.background, torch.nn.Module):
+            groups.append({"params": list(self.background.parameters()), "lr": c.lr_mlp, "name": "background"})
+        return _adam(groups)
 
     def state_dict(self) -> dict[str, Any]:
         return {"field": self.field.state_dict(), "occupancy": self.occupancy.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(),
+                "background": self.background.state_dict() if isinstance(self.background, torch.nn.Module) else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.field.load_state_dict(state["field"])
         self.occupancy.load_state_dict(state["occupancy"])
+        if isinstance(self.background, torch.nn.Module):
+            if state.get("background") is None:
+                # A checkpoint from before the learned backdrop (or with it off): keep its white one.
+                self.background = "white"
+                self.optimizer = self._optimizer()
+            else:
+                self.background.load_state_dict(state["background"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def render(self, cameras: Any, shading: str, light: torch.Tensor | None, generator: torch.Generator,
+    def render(self, cameras: Any, look: StepLook, generator: torch.Generator,
                local_step: int) -> tuple[Any, dict[str, torch.Tensor]]:
-        """Refresh the occupancy grid when due, render, and compute the regularisers."""
+        """Refresh the occupancy grid when due, render in ``look``, and compute the regularisers."""
         self.renderer.update_occupancy(local_step, generator=generator)
-        out = self.renderer.render(cameras, shading=shading, light=light, background="white", jitter=True,
-                                   generator=generator)
+        out = self.renderer.render(cameras, shading=look.shading, light=look.light, background=look.background,
+                                   jitter=True, generator=generator, ambient=look.ambient)
         # Opacity sparsity (threestudio's form of DreamFusion's regulariser): pushes
         # pixels toward empty or opaque and the backdrop toward empty.
         opacity = (out.opacity.pow(2) + 0.01).sqrt().mean()
         regs = {"opacity": (self.cfg.lambda_opacity, opacity)}
         normals = out.extras.get("normals")
         if normals is not None:
-            # DreamFusion eq. 6: penalise visible normals facing away from the camera.
+            # DreamFusion eq. 6: penalise visible normals facing away from the camera, averaged
+            # over the samples as HeadSculpt does (renderer.py:767-770).
             dirs = out.extras["dirs"][out.extras["ray_indices"]]
             facing = (normals * dirs).sum(-1).clamp(min=0.0).pow(2)
-            orient = (out.extras["weights"].detach() * facing).sum() / out.extras["dirs"].shape[0]
+            orient = out.extras["weights"].detach() * facing
+            orient = orient.sum() / out.extras["dirs"].shape[0] if self.cfg.orientation_per_ray else orient.mean()
             regs["orientation"] = (self.cfg.lambda_orientation, orient)
         return out, regs
 
@@ -313,7 +407,9 @@ class CoarseStage:
     @torch.no_grad()
     def density_sdf(self, level: float, cell: float, chunk: int = 1 << 16) -> Any:
         """An SDF-like init for DMTet from the density: (level - density) / level, clamped to
-        [-1, 1] and scaled to a grid cell (negative inside, zero on the ``level`` set)."""
+        [-1, 1] and scaled to a grid cell (negative inside, zero on the ``level`` set). The
+        geometry stores it in cells, so it holds HeadSculpt's clamp(density - level, -1, 1) form
+        (renderer.py:845-863) up to the 1/level slope."""
         def sdf(points: torch.Tensor) -> torch.Tensor:
             pts = points.to(next(self.field.parameters()).device)
             dens = torch.cat([self.field.density(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)])
@@ -354,9 +450,20 @@ class FineStage:
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.geometry.load_state_dict(state["geometry"])
+        from avatar.fields.dmtet import sdf_in_field_units
+
+        legacy = sdf_in_field_units(state["geometry"])
+        self.geometry.load_state_dict(state["geometry"])  # a field-unit SDF is converted to cells
         self.texture.load_state_dict(state["texture"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if legacy:
+            # Adam's moments of the SDF, in the same units: the gradient per cell is cell times the
+            # gradient per field unit.
+            cell = self.geometry.cell
+            sdf_state = self.optimizer.state.get(self.geometry.sdf, {})
+            if "exp_avg" in sdf_state:
+                sdf_state["exp_avg"].mul_(cell)
+                sdf_state["exp_avg_sq"].mul_(cell * cell)
 
     def mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces = self.geometry.extract()
@@ -365,14 +472,16 @@ class FineStage:
                                 "lower fine.lr or raise fine.lambda_laplacian and resume from an earlier checkpoint")
         return verts, faces
 
-    def render(self, cameras: Any, shading: str, light: torch.Tensor | None, generator: torch.Generator,
+    background = "white"
+
+    def render(self, cameras: Any, look: StepLook, generator: torch.Generator,
                local_step: int) -> tuple[Any, dict[str, torch.Tensor]]:
         from avatar.fields.dmtet import laplacian_loss, normal_consistency_loss
 
         verts, faces = self.mesh()
-        out = self.renderer.render(cameras, verts, faces, albedo=self.texture, shading=shading, light=light,
-                                   background="white")
-        regs = {"laplacian": (self.cfg.lambda_laplacian, laplacian_loss(verts, faces)),
+        out = self.renderer.render(cameras, verts, faces, albedo=self.texture, shading=look.shading, light=look.light,
+                                   background=look.solid_background(), ambient=look.ambient)
+        regs = {"laplacian": (self.cfg.lambda_laplacian, laplacian_loss(verts, faces, self.cfg.laplacian_squared)),
                 "normal_consistency": (self.cfg.lambda_normal, normal_consistency_loss(verts, faces))}
         return out, regs
 
@@ -445,8 +554,7 @@ class GenerateRun:
         self.prior_landmarks = self.frame.to_field(self.prior.neutral_landmarks().detach().float().cpu())
         self._step_cameras: tuple[Any, Any] | None = None  # (on the device, on the host) of this step
         self.last_record: dict[str, Any] = {}
-        self.shading: str = "albedo"  # the shading and light of the current step's renders
-        self.light: torch.Tensor | None = None
+        self.look = StepLook()  # how the current step's renders look (shading, light, ambient, backdrop)
 
     # -- construction --------------------------------------------------------
     def _field_frame(self) -> FieldFrame:
@@ -605,12 +713,29 @@ class GenerateRun:
         distillation conditioned on the landmark image; edit and import replace this. Terms may
         be tensors: the step reads every logged number back from the device at once."""
         control = self._control(cameras)
-        sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step)
-        return sds.loss, {"sds": sds.loss.detach()}, sds.t.float().mean()
+        latents = self._warmup_latents(out)
+        if latents is not None:
+            sds = self.guidance.score_distillation(latents, cameras, control_images=control, step=local_step,
+                                                   as_latent=True)
+        else:
+            sds = self.guidance.score_distillation(out.rgb, cameras, control_images=control, step=local_step)
+        return sds.loss, {"sds": sds.loss.detach(), **nonfinite_term(sds)}, sds.t.float().mean()
+
+    def _warmup_latents(self, out: Any) -> torch.Tensor | None:
+        """During the coarse normal warm-up with a diffusion model: the normal map and opacity,
+        bilinearly resized to the latent size and mapped to [-1, 1], as the denoiser's 4 latent
+        channels (HeadSculpt's ``as_latent``, utils.py:451-452 and sd.py:239-240). None otherwise."""
+        if (self.look.shading != "normal" or self.stage_of(self.step) != "coarse"
+                or self.step >= self.cfg.coarse.normal_warmup_steps or not self.cfg.coarse.warmup_latents
+                or self.guidance.kind not in ("diffusion", "tiny")):
+            return None
+        enc = self.guidance.encoder
+        side = int(enc.resolution) // int(enc.scale_factor)
+        x = torch.cat([out.rgb, out.opacity], dim=-1).permute(0, 3, 1, 2)
+        return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False) * 2 - 1
 
     def train_step(self, stage_obj: Any) -> dict[str, Any]:
         from avatar.render.cameras import sample_cameras
-        from avatar.render.shading import random_light, sample_shading
 
         stage = stage_obj.name
         st = getattr(self.cfg, stage)
@@ -621,14 +746,12 @@ class GenerateRun:
         cameras_host = sample_cameras(st.batch_size, self.cfg.cameras, st.resolution, self.generator, "cpu")
         cameras = cameras_host.to(self.device)
         self._step_cameras = (cameras, cameras_host)
-        shading = sample_shading(tuple(st.shading_probs), self.generator)
-        light = random_light(cameras_host.eye, self.generator).to(self.device, non_blocking=True)
-        light = None if shading == "albedo" else light
-        out, regs = stage_obj.render(cameras, shading, light, self.generator, local)
+        look = sample_look(st, local, cameras_host.eye, self.generator, self.device, stage_obj.background)
+        out, regs = stage_obj.render(cameras, look, self.generator, local)
         t1 = time.perf_counter()
-        self.shading, self.light = shading, light  # the objective may render other things alike (edit)
+        self.look = look  # the objective may render other things alike (the oracle's target, an edit's source)
         if self.target is not None:
-            self.target.shading, self.target.light = shading, light
+            self.target.look = look
         loss, terms, t_mean = self.objective(out, cameras, local)
         t2 = time.perf_counter()
         for name, (weight, value) in regs.items():
@@ -642,12 +765,13 @@ class GenerateRun:
         numbers = read_back(logged)
         if not math.isfinite(numbers["loss"]):
             raise NonFiniteLoss(f"loss is {numbers['loss']} at step {self.step + 1} ({stage})")
+        self._watch_guidance(stage, numbers.get("sds_nonfinite"))
         stage_obj.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stage_obj.optimizer.step()
         t3 = time.perf_counter()
         record: dict[str, Any] = {
-            "stage": stage, "loss": numbers.pop("loss"), **numbers, "shading": shading,
+            "stage": stage, "loss": numbers.pop("loss"), **numbers, "shading": look.shading,
             **{f"lr_{g['name']}": g["lr"] for g in stage_obj.optimizer.param_groups},
             "seconds_render": round(t1 - t0, 4), "seconds_guidance": round(t2 - t1, 4),
             "seconds_backward": round(t3 - t2, 4),
@@ -655,6 +779,34 @@ class GenerateRun:
         if "occupancy" in record:
             record["occupancy"] = round(record["occupancy"], 4)
         return record
+
+    NONFINITE_PATIENCE = 100
+    """Steps in a row whose guidance prediction was wholly non-finite after which a stage stops
+    (or all of a shorter stage's steps)."""
+
+    def _watch_guidance(self, stage: str, nonfinite: float | None) -> None:
+        """The guidance's non-finite values are zeroed in its gradient, so a broken model would
+        let a run "finish" having learned nothing: warn once at the first, and stop when a
+        stage's predictions were wholly non-finite for :data:`NONFINITE_PATIENCE` steps in a row
+        (or the whole stage)."""
+        if not nonfinite:
+            self._nonfinite_run = 0
+            return
+        if not getattr(self, "_nonfinite_warned", False):
+            self._nonfinite_warned = True
+            warnings.warn(f"the guidance predicted NaN or infinite values at step {self.step + 1} ({stage}, "
+                          f"{100 * nonfinite:.3g}% of the values); they are zeroed in the gradient. If this "
+                          "repeats, the diffusion model overflows in half precision: try --set "
+                          "guidance.half_dtype=fp16 (or bf16), or guidance.half_precision=false", stacklevel=2)
+        self._nonfinite_run = getattr(self, "_nonfinite_run", 0) + 1 if nonfinite >= 1.0 else 0
+        patience = min(self.NONFINITE_PATIENCE, max(getattr(self.cfg, stage).steps, 1))
+        if self._nonfinite_run >= patience:
+            raise GenerateError(
+                f"the guidance predicted only NaN or infinite values for {self._nonfinite_run} steps in a row "
+                f"(to step {self.step + 1}, {stage}): the run learns nothing, so it stopped. The diffusion model "
+                "overflows or its weights are broken: try --set guidance.half_precision=false (or "
+                "guidance.half_dtype=fp16/bf16), check the weights with `avatar doctor`, and resume with "
+                f"--resume {self.ws.root}")
 
     # -- previews ----------------------------------------------------------------
     def write_preview(self, stage_obj: Any) -> Path:
@@ -703,7 +855,7 @@ class GenerateRun:
         with self.ws.lock(), _Interrupt() as interrupt, self._progress() as bar:
             if resume:
                 seed_everything(self.cfg.seed)  # deterministic algorithms; the RNG states come from the checkpoint
-                ckpt = self.ws.load_checkpoint()
+                ckpt = self.ws.load_checkpoint(resume=True)  # metrics.jsonl is cut back to its step
                 self.load_state_dict(ckpt["state"])
             else:
                 self.write_config()
@@ -735,7 +887,8 @@ class GenerateRun:
                 if interrupt.requested:
                     if self.step % self.cfg.checkpoint_every != 0 and not stage_end:
                         self.save_checkpoint()
-                    raise KeyboardInterrupt(f"interrupted at step {self.step}; resume with --resume {self.ws.root}")
+                    raise KeyboardInterrupt(f"stopped at step {self.step}; resume with 'avatar {self.kind} --resume "
+                                            f"{self.ws.root}'")
             if stop_after is not None and self.step < self.total:
                 latest = self.ws.latest_checkpoint()
                 if latest is None or not latest.name.endswith(f"{self.step:08d}.pt"):
@@ -805,5 +958,6 @@ def load_final_mesh(workspace: Any) -> tuple[torch.Tensor, torch.Tensor, FieldFr
     return frame.to_metres(mesh["vertices"]), mesh["faces"], frame
 
 
-__all__ = ["GenerateError", "NonFiniteLoss", "GenerateRun", "MeshTarget", "run_generate", "load_final_mesh",
+__all__ = ["GenerateError", "NonFiniteLoss", "GenerateRun", "MeshTarget", "StepLook", "sample_look", "run_generate",
+           "load_final_mesh",
            "validate_config", "resolve_device", "field_options", "head_frame", "load_prior", "fine_grid"]

@@ -30,6 +30,7 @@ resume does not need the original file.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ def read_head_mesh(path: str | Path) -> Any:
     import trimesh
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ImportError_(f"{path} is a folder, not a mesh file: pass a GLB, glTF, OBJ or PLY file")
     if not path.is_file():
         raise ImportError_(f"mesh file {path} does not exist")
     if path.suffix.lower() not in MESH_SUFFIXES:
@@ -143,16 +146,32 @@ class ImportRun(GenerateRun):
 
     def _make_guidance(self) -> Any:
         # The normalised copy in the run folder makes a resume independent of the original file.
-        target_path = self.ws.root / TARGET_NAME
-        if target_path.is_file():
+        # Built without a workspace (the CLI creates the run folder once everything has loaded),
+        # the copy waits in memory until write_info puts it in the folder.
+        self._pending_target: bytes | None = None
+        target_path = self.ws.root / TARGET_NAME if self.ws is not None else None
+        if target_path is not None and target_path.is_file():
             transform = self.ws.read_info().get("guidance_records", {}).get("mesh", {}).get("transform", {})
-        else:
-            mesh = read_head_mesh(self.mesh_path)
-            transform = normalise_to_prior(mesh, self.prior)
-            with contextlib.suppress(Exception):  # textures become vertex colours (what MeshTarget renders)
-                if mesh.visual.kind == "texture":
-                    mesh.visual = mesh.visual.to_color()
-            mesh.export(target_path)
+            return self._reconstruction_guidance(target_path, transform)
+        mesh = read_head_mesh(self.mesh_path)
+        transform = normalise_to_prior(mesh, self.prior)
+        with contextlib.suppress(Exception):  # textures become vertex colours (what MeshTarget renders)
+            if mesh.visual.kind == "texture":
+                mesh.visual = mesh.visual.to_color()
+        data = mesh.export(file_type="ply")
+        if target_path is not None:
+            from avatar.workspace import atomic_write_bytes
+
+            atomic_write_bytes(target_path, data)
+            return self._reconstruction_guidance(target_path, transform)
+        self._pending_target = data
+        with tempfile.TemporaryDirectory(prefix="avatar-import-") as tmp:
+            # Read back from the file, as a resume reads the run folder's copy: the same target bit for bit.
+            path = Path(tmp) / TARGET_NAME
+            path.write_bytes(data)
+            return self._reconstruction_guidance(path, transform)
+
+    def _reconstruction_guidance(self, target_path: Path, transform: dict[str, Any]) -> ReconstructionGuidance:
         self.target = MeshTarget(target_path, self.frame, self.cfg.engines.raster, self.device)
         guidance = ReconstructionGuidance(self.mesh_path, transform)
         self._target_sdf = None if self.init == "prior" else closed_mesh_sdf(read_head_mesh(target_path))
@@ -169,6 +188,11 @@ class ImportRun(GenerateRun):
         return lambda p: grid.lookup(frame.to_metres(p.cpu().double())).float() * frame.scale
 
     def write_info(self) -> None:
+        if self._pending_target is not None:  # built before the run folder existed
+            from avatar.workspace import atomic_write_bytes
+
+            atomic_write_bytes(self.ws.root / TARGET_NAME, self._pending_target)
+            self._pending_target = None
         self.ws.write_info(self.kind, self.cfg.seed, prompt=self.cfg.prompt, prior=self.cfg.prior.spec,
                            guidance=self.guidance.kind, guidance_records=self.guidance.records,
                            source_mesh=str(self.mesh_path), frame=self.frame.to_dict())
@@ -177,8 +201,7 @@ class ImportRun(GenerateRun):
         target = self.target
         assert target is not None
         with torch.no_grad():
-            ref = target.renderer.render(cameras, target.vertices, target.faces, albedo=target.colours,
-                                         shading=target.shading, light=target.light, background="white")
+            ref = target.render(cameras)  # in the step's look, like the live rendering
         rgb = (out.rgb - ref.rgb).pow(2).mean()
         silhouette = (out.opacity - ref.opacity).pow(2).mean()
         both = (out.opacity.detach() > 0.5) & (ref.opacity > 0.5)
@@ -200,6 +223,7 @@ def import_config(cfg: Any) -> Any:
         raise ImportError_(f"fine.steps must be >= 1 for an import, got {out.fine.steps}")
     out.fine.lambda_laplacian *= REGULARISER_SCALE
     out.fine.lambda_normal *= REGULARISER_SCALE
+    out.fine.normal_warmup_steps = 0  # a reconstruction has its target's colours from the first step
     validate_config(out)
     return out
 

@@ -3,7 +3,8 @@
 Albedo alone lets the optimiser paint geometry into the texture; Lambertian
 shading under a random point light, and textureless (white albedo) shading,
 force the geometry itself to explain the image (Poole et al. 2022, DreamFusion,
-section 3.1). Normal shading is for previews.
+section 3.1). HeadSculpt also renders normal maps (20% of its steps, and all of its
+warm-up); previews show them too.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from avatar.seeding import draw
 SHADING_MODES = ("albedo", "lambertian", "textureless", "normal")
 
 
-def sample_shading(probs: tuple[float, float, float], generator: torch.Generator | None = None) -> str:
-    """Draw ``albedo``, ``lambertian`` or ``textureless`` with the given probabilities."""
-    if any(x < 0 for x in probs) or sum(probs) <= 0:
-        raise ValueError(f"shading probabilities must be non-negative with a positive sum, got {probs}")
+def sample_shading(probs: tuple[float, ...], generator: torch.Generator | None = None) -> str:
+    """Draw ``albedo``, ``lambertian``, ``textureless`` or ``normal`` (:data:`SHADING_MODES`, in
+    that order) with the given probabilities; three values leave out ``normal``."""
+    if not 1 <= len(probs) <= len(SHADING_MODES) or any(not x >= 0 for x in probs) or not sum(probs) > 0:
+        raise ValueError(f"shading probabilities must be up to {len(SHADING_MODES)} non-negative values with a "
+                         f"positive sum, got {probs}")
     p = torch.tensor(probs, dtype=torch.float64)
     idx = int(draw(torch.multinomial, p / p.sum(), 1, generator=generator))
     return SHADING_MODES[idx]
