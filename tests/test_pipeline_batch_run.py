@@ -69,8 +69,9 @@ def test_sequential_batch_retries_from_the_checkpoint_and_a_rerun_skips_what_is_
     assert len(retrying) == 1 and retrying[0]["index"] == 2 and "InjectedFailure" in retrying[0]["error"]
     rows = metrics(runs[2]["run"])
     steps = [r["step"] for r in rows if "event" not in r]
-    # Steps 1-6 ran, step 7 failed, the retry resumed from the step-5 checkpoint: 6, 7, 8.
-    assert steps == [1, 2, 3, 4, 5, 6, 6, 7, 8]
+    # Steps 1-6 ran, step 7 failed, the retry resumed from the step-5 checkpoint: metrics.jsonl was
+    # cut back to step 5 (issue #17 item 6), and 6, 7, 8 ran again, each logged once.
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     events = [{k: v for k, v in r.items() if k != "time"} for r in rows if "event" in r]
     assert events == [{"step": 5, "event": "batch_resume", "attempt": 2, "resumed_from": 5}]
     assert not Path(runs[3]["run"]).exists()

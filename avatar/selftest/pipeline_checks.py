@@ -104,6 +104,9 @@ def _generate(ctx: DeviceContext, oracle: bool) -> Outcome:
         cfg = make_config(GenerateConfig, "smoke", [
             "prompt=selftest head", f"guidance.model={model}", "prior.spec=anny", f"device={ctx.device}",
             f"coarse.steps={steps}", f"fine.steps={steps}", "checkpoint_every=100000", "preview_every=100000",
+            # Past the normal warm-ups: a normal map teaches the albedo and texture nothing, and these
+            # few steps must show every parameter group move.
+            "coarse.normal_warmup_steps=0", "fine.normal_warmup_steps=0",
             *ctx.sizes.generate_overrides,
         ])
         run = GenerateRun(cfg, Workspace.create(folder / "runs", cfg.prompt), progress=False)
