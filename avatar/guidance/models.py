@@ -402,44 +402,40 @@ def load_diffusion_model(spec: str, role: str = TEXT2IMG, dtype: Any = None, dev
     return DiffusionModel(tokenizer, text_encoder, unet, vae, scheduler, record)
 
 
-def load_controlnet(spec: str, role: str = LANDMARK_CONTROLNET, dtype: Any = None,
-                    device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
-    """A ``ControlNetModel`` and its record. For the default MediaPipe-face repository the SD 1.5
-    weights are read from its ``diffusion_sd15`` subfolder."""
+def _load_single(cls: Any, what: str, spec: str, role: str, dtype: Any, device: Any) -> tuple[Any, dict[str, Any]]:
+    """A one-folder component (a ControlNet, a tiny autoencoder) of ``spec``, frozen on ``device``,
+    and its record; shared between runs of the process like the other components."""
     import torch
-    from diffusers import ControlNetModel
 
     dtype = dtype or torch.float32
     ws = parse_weights_spec(spec, role)
-    key = _shared_key("controlnet", ws, role, dtype, device)
+    key = _shared_key(what, ws, role, dtype, device)
     hit = _shared_get(key)
     if hit is not None:
         return hit[0], dict(hit[1])
     record = _new_record(ws, role)
-    net = _load_component(ControlNetModel, ws, role, None, ("config.json",), dtype, record)
-    net.requires_grad_(False).eval().to(device)
-    _shared_put(key, (net, dict(record)))
-    return net, record
+    module = _load_component(cls, ws, role, None, ("config.json",), dtype, record)
+    module.requires_grad_(False).eval().to(device)
+    _shared_put(key, (module, dict(record)))
+    return module, record
+
+
+def load_controlnet(spec: str, role: str = LANDMARK_CONTROLNET, dtype: Any = None,
+                    device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A ``ControlNetModel`` and its record. For the default MediaPipe-face repository the SD 1.5
+    weights are read from its ``diffusion_sd15`` subfolder."""
+    from diffusers import ControlNetModel
+
+    return _load_single(ControlNetModel, "controlnet", spec, role, dtype, device)
 
 
 def load_tiny_autoencoder(spec: str, dtype: Any = None, device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
     """An ``AutoencoderTiny`` (TAESD: ``madebyollin/taesd`` by default) and its record, through the
     same hub / local folder / ``tiny`` paths as the other components. Its latents are already in
     the UNet's scale (its config's ``scaling_factor`` is 1.0)."""
-    import torch
     from diffusers import AutoencoderTiny
 
-    dtype = dtype or torch.float32
-    ws = parse_weights_spec(spec, TINY_AE)
-    key = _shared_key("tiny_ae", ws, TINY_AE, dtype, device)
-    hit = _shared_get(key)
-    if hit is not None:
-        return hit[0], dict(hit[1])
-    record = _new_record(ws, TINY_AE)
-    ae = _load_component(AutoencoderTiny, ws, TINY_AE, None, ("config.json",), dtype, record)
-    ae.requires_grad_(False).eval().to(device)
-    _shared_put(key, (ae, dict(record)))
-    return ae, record
+    return _load_single(AutoencoderTiny, "tiny_ae", spec, TINY_AE, dtype, device)
 
 
 def noise_schedule(num_train_timesteps: int = 1000) -> Any:
