@@ -9,6 +9,11 @@
 #       --fixture tests/data/mediapipe_anny_detections.json refreshes the test fixture.
 #   tools/mediapipe/run.sh embed [--work DIR] [--reuse]
 #       re-derives avatar/prior/data/anny_landmarks.json from MediaPipe (a few minutes).
+#   tools/mediapipe/run.sh export [OUT] [--glb FILE]
+#       what MediaPipe reads from an `avatar export --topology prior` GLB against the anny prior itself
+#       (issue #18; export_check.py): without --glb, first makes a fast fine-only run from the prior and
+#       exports it (OUT/run). Writes OUT/report.md and OUT/report.json (default OUT:
+#       outputs/mediapipe-export). Exit status 1 if an expression's change differs by more than 20%.
 #
 # MediaPipe 0.10.21 (its legacy Face Mesh, whose models ship in the wheel) needs numpy < 2,
 # so it gets its own virtual environment, made on first use from requirements.txt in
@@ -41,11 +46,32 @@ case "$command" in
             "$out"/control/*_render.png >/dev/null 2>"$out/detect.log" || { cat "$out/detect.log" >&2; exit 1; }
         "$py" "$here/measure.py" report "$out" "$@"
         ;;
+    export)
+        out="outputs/mediapipe-export"
+        if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then out="$1"; shift; fi
+        glb=""
+        if [ "${1:-}" = "--glb" ]; then glb="$2"; shift 2; fi
+        mkdir -p "$out"
+        avatar=("$py" -c "import sys; from avatar.cli import main; sys.argv[0] = 'avatar'; sys.exit(main())")
+        if [ -z "$glb" ]; then
+            rm -rf "$out/run"
+            AVATAR_OUTPUTS="$out" "${avatar[@]}" generate "a head" --preset smoke --guidance tiny \
+                --set coarse.steps=0 --set fine.steps=2 --set fine.dmtet_resolution=96 --out "$out/run" >&2
+            run="$(ls -d "$out"/run/*/ | head -n 1)"
+            AVATAR_OUTPUTS="$out" "${avatar[@]}" export "$run" --topology prior --texture-size 1024 >&2
+            glb="${run%/}/export/avatar.glb"
+        fi
+        rm -rf "$out/renders"
+        "$py" "$here/export_check.py" render "$out" --glb "$glb"
+        "$venv/bin/python" "$here/detect.py" --out "$out/detections.json" "$out"/renders/*.png \
+            >/dev/null 2>"$out/detect.log" || { cat "$out/detect.log" >&2; exit 1; }
+        "$py" "$here/export_check.py" report "$out"
+        ;;
     embed)
         "$py" -m avatar.prior.data.make_anny_landmarks --mediapipe-python "$venv/bin/python" "$@"
         ;;
     *)
-        echo "usage: $0 measure [OUT] [--fixture FILE] | embed [--work DIR] [--reuse]" >&2
+        echo "usage: $0 measure [OUT] [--fixture FILE] | export [OUT] [--glb FILE] | embed [--work DIR] [--reuse]" >&2
         exit 2
         ;;
 esac
