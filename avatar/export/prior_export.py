@@ -9,8 +9,9 @@ offsets), and everything the fitted head carries is the prior's own:
 * **blendshapes** are the prior's expressions evaluated on the fitted shape
   (``forward(shape, expression=e) - forward(shape)``), never transferred by closest point,
   and carried from the prior's triangles onto the fitted skin's same triangles by
-  deformation transfer (:func:`transfer_deltas`); the visemes are their documented
-  combinations;
+  deformation transfer (:func:`transfer_deltas`), the skin's offsets faded further wherever a
+  target would still fold it or stretch it more than the prior's own (:func:`carry_targets`);
+  the visemes are their documented combinations;
 * **skin weights and joints** are the prior's, the joints at the fitted shape;
 * **maps** are baked on the prior's UV layout, the same for every avatar
   (:func:`avatar.export.bake.bake_maps`): base colour from the run's texture field, a
@@ -40,6 +41,14 @@ PARTS = ("skin", "left_eye", "right_eye", "upper_teeth", "lower_teeth", "tongue"
 """Parts of the export head written to the GLB (the optional eyelashes are left out)."""
 FEATURE_RINGS = 6
 """Rings of neighbours over which the fitted offsets fade in around the mouth's and eye sockets' lining."""
+STRETCH_SLACK = 1.05
+"""Most an edge of the fitted skin may stretch under a target, relative to the prior's largest stretch of it."""
+SETTLE_RINGS = 3
+"""Rings of neighbours around a vertex that breaks :data:`STRETCH_SLACK` (or folds) over which the offsets fade."""
+SETTLE_STEPS = 30
+"""Most rounds of fading the offsets and carrying the targets again (:func:`carry_targets`)."""
+SETTLE_ANCHOR = 10.0
+"""Weight holding a vertex whose offset is faded out to the prior's own delta in :func:`transfer_deltas`."""
 ROUGHNESS = 0.6
 """Roughness written into the skin's and accessory's ORM maps."""
 
@@ -101,19 +110,8 @@ def feature_fade(head: Any, rings: int) -> np.ndarray:
     """(V,) weights of the fitted offsets: 0 on the lining of the mouth and eye sockets
     (:attr:`~avatar.prior.anny_export.ExportHead.lining`), rising to 1 over ``rings`` rings of
     neighbours around it (lips, lids), 1 elsewhere."""
-    import scipy.sparse as sp
-
-    faces = head.part_faces("skin").numpy()
-    n = head.num_vertices
-    i = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
-    j = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
-    adjacency = sp.csr_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-    adjacency.data[:] = 1.0
-    near = np.asarray(head.lining, dtype=bool).copy()
-    distance = np.where(near, 0, rings + 1).astype(np.float64)
-    for ring in range(1, rings + 1):
-        near = near | (adjacency @ near.astype(np.float64) > 0)
-        distance = np.where(near & (distance > ring), ring, distance)
+    adjacency = _skin_adjacency(head.part_faces("skin").numpy(), head.num_vertices)
+    distance = _ring_distance(adjacency, np.asarray(head.lining, dtype=bool).copy(), rings)
     return np.clip(distance / (rings + 1), 0.0, 1.0)
 
 
@@ -127,7 +125,7 @@ def _frames(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def transfer_deltas(source_rest: np.ndarray, faces: np.ndarray, source_deltas: np.ndarray, target_rest: np.ndarray,
-                    regularise: float = 1e-3) -> np.ndarray:
+                    regularise: float | np.ndarray = 1e-3) -> np.ndarray:
     """Deformation transfer (Sumner and Popovic 2004, "Deformation transfer for triangle meshes"):
     each blendshape's per-triangle deformation of ``source_rest`` (the prior at the fitted shape)
     applied to the same triangles of ``target_rest`` (the fitted head, offsets and all), then the
@@ -136,7 +134,9 @@ def transfer_deltas(source_rest: np.ndarray, faces: np.ndarray, source_deltas: n
     solution is unique. A triangle the fit made narrower or wider then deforms as the prior's
     does, instead of being stretched or folded by the prior's absolute offsets.
 
-    source_rest, target_rest: (V, 3); faces: (F, 3); source_deltas: (E, V, 3). Returns (E, V, 3).
+    source_rest, target_rest: (V, 3); faces: (F, 3); source_deltas: (E, V, 3). regularise: the
+    weight holding each vertex to its plain delta, one for all or (V,) (large where the target's
+    rest is the source's, where the plain delta is exact). Returns (E, V, 3).
     """
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
@@ -146,17 +146,91 @@ def transfer_deltas(source_rest: np.ndarray, faces: np.ndarray, source_deltas: n
     cols = np.stack([faces[:, 1], faces[:, 0], faces[:, 2], faces[:, 0]], axis=1).reshape(-1)
     vals = np.tile([1.0, -1.0], 2 * f)
     edge = sp.csr_matrix((vals, (rows, cols)), shape=(2 * f, n))
-    solver = spla.factorized((edge.T @ edge + regularise * sp.identity(n)).tocsc())
+    anchor = np.broadcast_to(np.asarray(regularise, dtype=np.float64), (n,))
+    solver = spla.factorized((edge.T @ edge + sp.diags(anchor)).tocsc())
     src_inv = np.linalg.inv(_frames(source_rest, faces))
     tgt_edges = _frames(target_rest, faces)[:, :, :2]  # (F, 3, 2)
     out = np.empty_like(source_deltas)
     for k, delta in enumerate(source_deltas):
         gradient = _frames(source_rest + delta, faces) @ src_inv  # (F, 3, 3)
         want = (gradient @ tgt_edges).transpose(0, 2, 1).reshape(2 * f, 3)  # rows: e1, e2 of each face
-        rhs = edge.T @ want + regularise * (target_rest + delta)
-        solved = np.stack([solver(rhs[:, c]) for c in range(3)], axis=1)
-        out[k] = solved - target_rest
+        rhs = edge.T @ want + anchor[:, None] * (target_rest + delta)
+        out[k] = solver(rhs) - target_rest
     return out
+
+
+def _ring_distance(adjacency: Any, seeds: np.ndarray, rings: int) -> np.ndarray:
+    """(V,) rings of neighbours from ``seeds`` (0 on them), ``rings + 1`` beyond ``rings``."""
+    near = seeds.copy()
+    distance = np.where(near, 0, rings + 1).astype(np.float64)
+    for ring in range(1, rings + 1):
+        near = near | (adjacency @ near.astype(np.float64) > 0)
+        distance = np.where(near & (distance > ring), ring, distance)
+    return distance
+
+
+def _skin_adjacency(faces: np.ndarray, n: int) -> Any:
+    import scipy.sparse as sp
+
+    i = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
+    j = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
+    adjacency = sp.csr_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    adjacency.data[:] = 1.0
+    return adjacency
+
+
+def carry_targets(prior_rest: np.ndarray, faces: np.ndarray, deltas: np.ndarray, checks: np.ndarray,
+                  offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The fitted skin and its targets, no target folding or stretching it more than it folds and
+    stretches the prior (issue #18's animation check).
+
+    The fitted rest is ``prior_rest + keep * offsets``, each target carried onto it by
+    :func:`transfer_deltas` (held to the prior's own delta where the offsets are faded out,
+    where that delta is exact). Each expression of ``checks`` (rows of weights over the targets:
+    each target, paired ones with their partners, the visemes as their combinations) is then
+    measured on the fitted skin against the prior's: a triangle that folds where the prior's
+    does not, or an edge stretched more than :data:`STRETCH_SLACK` times the prior's largest
+    stretch of that expression (+0.05%, float noise where the prior stretches nothing), fades
+    the offsets out by half around its vertices (:data:`SETTLE_RINGS` rings), and the targets
+    are carried again, until none does (at ``keep = 0`` the skin is the prior's and every
+    target its own) or :data:`SETTLE_STEPS` ran.
+
+    prior_rest, offsets: (V, 3) one part's rows (faces index them); deltas: (E, V, 3); checks:
+    (C, E); keep: (V,) the offsets' starting weights. Returns the fitted rest (V, 3), the carried
+    deltas (E, V, 3) and figures (steps, the vertices faded beyond ``keep``, violations left).
+    """
+    edges = np.unique(np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1), axis=0)
+
+    def normals(v: np.ndarray) -> np.ndarray:
+        return np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])
+
+    def lengths(v: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(v[edges[:, 0]] - v[edges[:, 1]], axis=1)
+
+    prior_normals, prior_lengths = normals(prior_rest), lengths(prior_rest)
+    own = []
+    for weights in checks:
+        moved = prior_rest + np.einsum("e,evc->vc", weights, deltas)
+        own.append(((normals(moved) * prior_normals).sum(1) < 0, float((lengths(moved) / prior_lengths).max() - 1)))
+    adjacency = _skin_adjacency(faces, len(prior_rest))
+    start = keep = np.asarray(keep, dtype=np.float64)
+    for step in range(SETTLE_STEPS + 1):
+        fitted = prior_rest + keep[:, None] * offsets
+        carried = transfer_deltas(prior_rest, faces, deltas, fitted, 1e-3 + SETTLE_ANCHOR * (1.0 - keep) ** 2)
+        rest_normals, rest_lengths = normals(fitted), lengths(fitted)
+        bad = np.zeros(len(prior_rest), dtype=bool)
+        for weights, (own_flipped, own_stretch) in zip(checks, own):
+            moved = fitted + np.einsum("e,evc->vc", weights, carried)
+            folded = ((normals(moved) * rest_normals).sum(1) < 0) & ~own_flipped
+            bad[faces[folded].reshape(-1)] = True
+            bad[edges[lengths(moved) / rest_lengths - 1 > own_stretch * STRETCH_SLACK + 5e-4].reshape(-1)] = True
+        if not bad.any() or step == SETTLE_STEPS:
+            break
+        distance = _ring_distance(adjacency, bad, SETTLE_RINGS)
+        keep = keep * (1.0 - 0.5 * (1.0 - distance / (SETTLE_RINGS + 1)))
+    info = {"steps": step, "faded_vertices": int((keep < start - 1e-6).sum()), "violating_vertices": int(bad.sum()),
+            "faded_offset_mm": round(float(np.linalg.norm((start - keep)[:, None] * offsets, axis=1).max() * 1e3), 3)}
+    return fitted, carried, info
 
 
 def _side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -187,7 +261,7 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     from avatar.export.fit import fit_head_model
     from avatar.export.glb_rig import GLBMaterial, GLBPart, Skeleton, top_joint_weights
     from avatar.export.texture import encode_png
-    from avatar.prior.anny_export import VISEME_NAMES, load_export_head
+    from avatar.prior.anny_export import PAIRED_WITH, VISEME_NAMES, load_export_head
 
     seconds = {} if seconds is None else seconds
     out: dict[str, Any] = {}
@@ -212,17 +286,25 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     # there the offsets fade out, so lips and lids keep the prior's form (and its blendshapes open
     # them as they should); the normal map carries the generated detail.
     keep = feature_fade(head, FEATURE_RINGS)
-    fitted = base.cpu().numpy() + keep[:, None] * (fitted - base.cpu().numpy())
+    prior_rest = base.cpu().numpy()
     names = list(head.expression_names)
-    visemes = np.stack([np.einsum("e,evc->vc", head.viseme_weights(v).double().numpy(), deltas)
-                        for v in VISEME_NAMES])
-    all_deltas = np.concatenate([deltas, visemes])  # (E + 15, V, 3) on the prior at the fitted shape
-    # On the skin, each target deforms the fitted head's triangles as it deforms the prior's.
+    viseme_weights = np.stack([head.viseme_weights(v).double().numpy() for v in VISEME_NAMES])
+    all_deltas = np.concatenate([deltas, np.einsum("we,evc->wvc", viseme_weights, deltas)])  # (E + 15, V, 3)
+    # On the skin, each target deforms the fitted head's triangles as it deforms the prior's, and
+    # where it would still fold or overstretch them the offsets fade further (carry_targets): each
+    # target alone (mouthClose with jawOpen), each viseme as a target and as its combination.
+    checks = np.zeros((len(names) + 2 * len(VISEME_NAMES), len(all_deltas)))
+    for k, name in enumerate(names):
+        for other, w in {**PAIRED_WITH.get(name, {}), name: 1.0}.items():
+            checks[k, names.index(other)] = w
+    checks[len(names):len(all_deltas), len(names):] = np.eye(len(VISEME_NAMES))
+    checks[len(all_deltas):, :len(names)] = viseme_weights
     skin = head.parts["skin"]
     rows = np.arange(skin.offset, skin.offset + skin.num_vertices)
     skin_faces = head.part_faces("skin").numpy() - skin.offset
-    prior_rest = base.cpu().numpy()
-    all_deltas[:, rows] = transfer_deltas(prior_rest[rows], skin_faces, all_deltas[:, rows], fitted[rows])
+    fitted_skin, all_deltas[:, rows], out["blendshapes"] = carry_targets(
+        prior_rest[rows], skin_faces, all_deltas[:, rows], checks, (fitted - prior_rest)[rows], keep[rows])
+    fitted[rows] = fitted_skin
     morph_names = names + list(VISEME_NAMES)
     weights_all = head.skin_weights.detach().double().cpu().numpy()
     seconds["rig"] = round(time.perf_counter() - t, 3)
@@ -331,4 +413,4 @@ def _accessory_part(accessory: Any, fitted: np.ndarray, head: Any, all_deltas: n
     return part, material, info
 
 
-__all__ = ["PriorExport", "build_prior_export", "generated_surface", "transfer_deltas", "PARTS"]
+__all__ = ["PriorExport", "build_prior_export", "carry_targets", "generated_surface", "transfer_deltas", "PARTS"]
