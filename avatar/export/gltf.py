@@ -7,8 +7,10 @@ accessor by accessor, following the glTF 2.0 specification:
   JOINTS_0 / WEIGHTS_0 when rigged); every buffer view 4-byte aligned;
 - material ``pbrMetallicRoughness`` with metallicFactor 0, roughnessFactor as
   configured and the baked PNG as baseColorTexture (sRGB by the spec);
-- morph targets: one dense POSITION displacement accessor per expression, with
-  min/max (required for POSITION), ``mesh.extras.targetNames`` (the de facto
+- morph targets: one POSITION displacement accessor per expression, sparse over a zero
+  base with only the vertices that move by at least 1 micrometre (components under it are
+  float noise and are zeroed; glb_rig's ``delta_vec3``: issue 18 measured a dense 22 MB
+  GLB), with min/max (required for POSITION), ``mesh.extras.targetNames`` (the de facto
   convention read by Blender, three.js, Babylon and Godot) and zero default weights;
 - skin: a node per joint with its rest translation relative to its parent, the
   inverse bind matrices (inverse of each joint's rest world transform) and the
@@ -22,50 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from avatar.export.glb_rig import POSITION_EPSILON_M
+from avatar.export.glb_rig import _Builder as _RigBuilder
 from avatar.export.rig import Rig
 
-_FLOAT, _UBYTE, _USHORT, _UINT = 5126, 5121, 5123, 5125
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
-_COMPONENT = {np.dtype(np.float32): _FLOAT, np.dtype(np.uint8): _UBYTE, np.dtype(np.uint16): _USHORT,
-              np.dtype(np.uint32): _UINT}
-_TYPE = {1: "SCALAR", 2: "VEC2", 3: "VEC3", 4: "VEC4", 16: "MAT4"}
 
 
-class _Builder:
-    """Packs arrays into one binary buffer and makes accessors for them."""
-
-    def __init__(self, gltf: Any):
-        self.gltf = gltf
-        self.blob = bytearray()
-
-    def view(self, data: bytes, target: int | None = None) -> int:
-        from pygltflib import BufferView
-
-        self.blob.extend(b"\0" * (-len(self.blob) % 4))
-        view = BufferView(buffer=0, byteOffset=len(self.blob), byteLength=len(data))
-        if target is not None:
-            view.target = target
-        self.blob.extend(data)
-        self.gltf.bufferViews.append(view)
-        return len(self.gltf.bufferViews) - 1
-
-    def accessor(self, array: np.ndarray, target: int | None = None, bounds: bool = False,
-                 normalized: bool = False) -> int:
-        from pygltflib import Accessor
-
-        array = np.ascontiguousarray(array)
-        width = 1 if array.ndim == 1 else int(np.prod(array.shape[1:]))
-        view = self.view(array.tobytes(), target)
-        acc = Accessor(bufferView=view, byteOffset=0, componentType=_COMPONENT[array.dtype], count=int(array.shape[0]),
-                       type=_TYPE[width])
-        if normalized:
-            acc.normalized = True
-        if bounds:
-            flat = array.reshape(array.shape[0], -1)
-            acc.min = [float(x) for x in flat.min(axis=0)]
-            acc.max = [float(x) for x in flat.max(axis=0)]
-        self.gltf.accessors.append(acc)
-        return len(self.gltf.accessors) - 1
+class _Builder(_RigBuilder):
+    """Packs arrays into one binary buffer and makes accessors (dense, and the sparse morph
+    targets of :meth:`~avatar.export.glb_rig._Builder.delta_vec3`)."""
 
 
 def build_glb(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces: np.ndarray, png: bytes,
@@ -129,8 +97,7 @@ def build_glb(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces
     if rig is not None:
         primitive.targets = []
         for target in rig.targets:
-            primitive.targets.append(Attributes(POSITION=b.accessor(target.astype(np.float32), _ARRAY_BUFFER,
-                                                                    bounds=True)))
+            primitive.targets.append(Attributes(POSITION=b.delta_vec3(target, POSITION_EPSILON_M, bounds=True)[0]))
         mesh.weights = [0.0] * len(rig.targets)
         mesh.extras = {"targetNames": list(rig.target_names)}
         attrs.JOINTS_0 = b.accessor(rig.joints, _ARRAY_BUFFER)

@@ -4,7 +4,11 @@ The generated surface stays registered to the prior (its SDF started from the
 prior's and every view was steered by the prior's landmarks), so each exported
 vertex takes the attributes of its closest point on the prior's neutral surface,
 interpolated barycentrically there (the correspondence of Sumner & Popovic 2004,
-"Deformation transfer", in its simplest form). Blendshape displacements fade with
+"Deformation transfer", in its simplest form), on the prior's skin only: its eyeballs are
+rigid shells a generated surface does not have, and a vertex over the eye that took an
+eyeball's (still) blink beside a lid vertex that took the lid's tore the surface (issue 18).
+The transferred values are then smoothed over the export mesh (a few Laplacian steps), so
+neighbours move alike where the closest triangle jumps. Blendshape displacements fade with
 the distance to the skin: full within ``inner`` metres, none beyond ``outer``,
 smoothstep between, so a hat a few centimetres off the scalp does not stretch
 with the brows. Skin weights do not fade (every vertex must follow some bone),
@@ -162,13 +166,65 @@ def top_k_weights(weights: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarr
     return idx, w32
 
 
-def transfer_rig(vertices_m: np.ndarray, prior, inner: float = 0.01, outer: float = 0.04) -> Rig:
+def skin_faces(prior) -> np.ndarray:
+    """(F, 3) the prior's closed surface (:meth:`all_faces`) without its eyeballs.
+
+    anny's eyeballs are separate closed shells carried rigidly by the eye joints; a
+    generated surface has no eyeballs of its own (the lids close over one sealed surface),
+    so a vertex transferred from an eyeball shell would stay still while its neighbour on
+    the lid moves (issue #18: 170 torn edges per blink). A face is an eyeball's when one of
+    its corners is mostly weighted to a joint named like an eye."""
+    faces = prior.all_faces().cpu().numpy()
+    eye_joints = [j for j, name in enumerate(prior.joint_names) if "eye" in str(name).lower()]
+    if not eye_joints:
+        return faces
+    skin = prior.skin_weights.detach().cpu().numpy()
+    eyeball = skin[:, eye_joints].sum(axis=1) > 0.5
+    return faces[~eyeball[faces].any(axis=1)]
+
+
+def smooth_over_surface(values: np.ndarray, faces: np.ndarray, iterations: int = 4, step: float = 0.5
+                        ) -> np.ndarray:
+    """Uniform-Laplacian smoothing of per-vertex values (..., N, C) over a mesh (F, 3):
+    ``iterations`` steps of ``v += step * (mean of the neighbours - v)``, so neighbours carry
+    alike values (a closest-point transfer jumps where the closest triangle changes sides)."""
+    from scipy.sparse import coo_matrix, diags
+
+    if iterations <= 0 or len(faces) == 0:
+        return values
+    n = values.shape[-2]
+    i = faces[:, [0, 1, 2, 1, 2, 0]].reshape(-1)
+    j = faces[:, [1, 2, 0, 0, 1, 2]].reshape(-1)
+    adj = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)).tocsr()
+    adj.data[:] = 1.0
+    degree = np.asarray(adj.sum(axis=1)).reshape(-1)
+    average = (diags(np.where(degree > 0, 1.0 / np.maximum(degree, 1.0), 0.0)) @ adj).tocsr()
+    lone = degree == 0  # a vertex no face uses keeps its value
+    lead = values.shape[:-2]
+    flat = np.moveaxis(values.reshape(-1, n, values.shape[-1]), 1, 0).reshape(n, -1).astype(np.float64)
+    for _ in range(iterations):
+        mean = average @ flat
+        mean[lone] = flat[lone]
+        flat = flat + step * (mean - flat)
+    out = np.moveaxis(flat.reshape(n, -1, values.shape[-1]), 0, 1).reshape(*lead, n, values.shape[-1])
+    return out.astype(values.dtype, copy=False)
+
+
+SMOOTH_ITERATIONS = 4
+"""Laplacian steps over the export mesh applied to the transferred targets and weights."""
+
+
+def transfer_rig(vertices_m: np.ndarray, prior, inner: float = 0.01, outer: float = 0.04,
+                 faces: np.ndarray | None = None, smooth_iterations: int = SMOOTH_ITERATIONS) -> Rig:
     """Blendshapes and skinning of ``prior`` (a :class:`~avatar.prior.head_model.HeadModel`)
     for a mesh ``vertices_m`` (N, 3) in metres, project frame.
 
     Each expression's target is its full effect at weight 1 on the neutral head
     (``forward(expression={name: 1}) - template``), which also linearises pose-driven
-    controls such as FLAME's jaw, so every expression becomes one morph target.
+    controls such as FLAME's jaw, so every expression becomes one morph target. Closest
+    points are taken on the prior's skin only (:func:`skin_faces`, not its eyeballs); with
+    the mesh's ``faces`` the transferred targets and weights are then smoothed over it
+    (:func:`smooth_over_surface`), so neighbouring vertices move alike.
     """
     with torch.no_grad():
         template = prior.template.detach().double().cpu()
@@ -181,12 +237,16 @@ def transfer_rig(vertices_m: np.ndarray, prior, inner: float = 0.01, outer: floa
         deltas_t = torch.cat(deltas).numpy()  # (E, V, 3)
         skin = prior.skin_weights.detach().double().cpu().numpy()
         joints = prior.joint_template.detach().double().cpu().numpy()
-    faces = prior.all_faces().cpu().numpy()
-    face, bary, dist = closest_points(vertices_m, template.numpy(), faces)
-    tri = faces[face]  # (N, 3)
+    prior_faces = skin_faces(prior)
+    face, bary, dist = closest_points(vertices_m, template.numpy(), prior_faces)
+    tri = prior_faces[face]  # (N, 3)
     fade = falloff(dist, inner, outer)
     targets = np.einsum("nk,enkc->enc", bary, deltas_t[:, tri]) * fade[None, :, None]
     weights = np.einsum("nk,nkj->nj", bary, skin[tri])
+    if faces is not None and smooth_iterations > 0:
+        faces = np.asarray(faces, dtype=np.int64)
+        targets = smooth_over_surface(targets, faces, smooth_iterations)
+        weights = smooth_over_surface(weights, faces, smooth_iterations)
     joint_idx, joint_w = top_k_weights(weights, 4)
     dtype = np.uint8 if len(prior.joint_names) <= 256 else np.uint16
     return Rig(target_names=names, targets=targets.astype(np.float32), joint_names=list(prior.joint_names),
@@ -194,4 +254,5 @@ def transfer_rig(vertices_m: np.ndarray, prior, inner: float = 0.01, outer: floa
                joints=joint_idx.astype(dtype), weights=joint_w, distance=dist.astype(np.float32))
 
 
-__all__ = ["Rig", "closest_point_on_triangles", "closest_points", "falloff", "top_k_weights", "transfer_rig"]
+__all__ = ["SMOOTH_ITERATIONS", "Rig", "closest_point_on_triangles", "closest_points", "falloff", "skin_faces",
+           "smooth_over_surface", "top_k_weights", "transfer_rig"]

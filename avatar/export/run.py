@@ -530,7 +530,8 @@ def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool,
             if cfg.rig:
                 with _timed(seconds, "rig", report):
                     source_m = avatar.frame.to_metres(torch.as_tensor(mesh.source_vertices)).numpy()
-                    rig = _index_rig(transfer_rig(source_m, _resolved_prior(avatar)), mesh.source_index)
+                    rig = _index_rig(transfer_rig(source_m, _resolved_prior(avatar), faces=mesh.source_faces),
+                                     mesh.source_index)
             with _timed(seconds, "glb", report):
                 data = build_glb(positions_m, mesh.normals, mesh.uvs, mesh.faces, png, roughness=float(cfg.roughness),
                                  rig=rig, extras=_json_ready(asset_extras(avatar)))
@@ -538,7 +539,8 @@ def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool,
                 written["glb"] = str(out / "avatar.glb")
         if "obj" in formats:
             with _timed(seconds, "obj", report):
-                for name, data in obj_files(positions_m, mesh.normals, mesh.uvs, mesh.faces, png).items():
+                for name, data in obj_files(positions_m, mesh.normals, mesh.uvs, mesh.faces, png,
+                                            roughness=float(cfg.roughness)).items():
                     atomic_write_bytes(stage / name, data)
                 written["obj"] = str(out / "avatar.obj")
         if "ply" in formats:
@@ -588,7 +590,7 @@ def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out:
     """export_run with ``topology = prior`` (:mod:`avatar.export.prior_export`)."""
     from avatar.export.formats import obj_files, ply_bytes
     from avatar.export.glb_rig import build_rigged_glb
-    from avatar.export.prior_export import build_prior_export
+    from avatar.export.prior_export import ROUGHNESS, build_prior_export
     from avatar.export.texture import encode_png
     from avatar.workspace import atomic_write_bytes
 
@@ -610,7 +612,7 @@ def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out:
         if "obj" in formats:
             with _timed(seconds, "obj", report):
                 for name, data in obj_files(built.skin_positions, built.skin_normals, built.skin_uvs,
-                                            built.skin_faces, png).items():
+                                            built.skin_faces, png, roughness=ROUGHNESS).items():
                     atomic_write_bytes(stage / name, data)
                 written["obj"] = str(out / "avatar.obj")
         if "ply" in formats:
