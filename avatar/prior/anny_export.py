@@ -53,8 +53,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +140,6 @@ _TONGUE_RGB = (196, 104, 110)
 _IRIS_DEG, _PUPIL_DEG = 28.6, 8.4
 _TEXTURE_SIZE = 512
 
-_memory_cache: dict[Path, dict[str, np.ndarray]] = {}
-_memory_lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------
@@ -800,28 +796,7 @@ def _cache_path() -> Path:
 
 def load_export_arrays(use_cache: bool = True) -> dict[str, np.ndarray]:
     """The extracted arrays: from memory, the disk cache, or a fresh extraction."""
-    path = _cache_path()
-    with _memory_lock:
-        if use_cache and path in _memory_cache:
-            return _memory_cache[path]
-        arrays = None
-        if use_cache and path.exists():
-            try:
-                with np.load(path) as data:
-                    arrays = {k: data[k] for k in data.files}
-            except (OSError, ValueError, EOFError):
-                arrays = None  # a torn or stale file: rebuild it
-        if arrays is None:
-            arrays = build_export_arrays()
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-            try:
-                np.savez_compressed(tmp, **arrays)
-                os.replace(tmp, path)
-            except OSError as exc:
-                warnings.warn(f"could not cache the anny export head in {path}: {exc}; it will be rebuilt next time",
-                              stacklevel=2)
-        _memory_cache[path] = arrays
-        return arrays
+    return ah.cached_arrays(_cache_path(), build_export_arrays, "the anny export head", use_cache)
 
 
 def _material_boxes(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

