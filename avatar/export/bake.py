@@ -173,12 +173,12 @@ def _any_perpendicular(n: np.ndarray) -> np.ndarray:
 
 
 def vertex_normals(positions: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(V, 3) float64 area-weighted unit vertex normals of counter-clockwise triangles."""
-    p = np.asarray(positions, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    face_n = np.cross(p[f[:, 1]] - p[f[:, 0]], p[f[:, 2]] - p[f[:, 0]])  # length = 2 * area
-    acc = _scatter(f.reshape(-1), np.repeat(face_n, 3, axis=0), len(p))
-    return _normalize(acc)
+    """(V, 3) float64 area-weighted unit vertex normals of counter-clockwise triangles
+    (:func:`avatar.export.mesh.smooth_normals`, the normals the exporter writes)."""
+    from avatar.export.mesh import smooth_normals
+
+    return smooth_normals(np.asarray(positions, dtype=np.float64), np.asarray(faces, dtype=np.int64)).astype(
+        np.float64)
 
 
 def vertex_tangents(positions: Any, normals: Any, uvs: Any, faces: Any) -> np.ndarray:

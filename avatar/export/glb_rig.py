@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from avatar.export.bake import vertex_tangents  # the frame the normal maps are baked in
+
 POSITION_EPSILON_M = 1e-6
 """A morph target's position delta is stored for a vertex when a component reaches this (metres)."""
 NORMAL_EPSILON = 1e-4
@@ -144,47 +146,6 @@ class Skeleton:
 
 # ---------------------------------------------------------------------------
 # Geometry helpers
-
-
-def vertex_tangents(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(V, 4) float32 per-vertex tangents for glTF: xyz unit along +u, w the bitangent's sign.
-
-    Lengyel's method ("Computing Tangent Space Basis Vectors for an Arbitrary Mesh",
-    2001): per triangle the surface derivatives dP/du and dP/dv solved from its edges
-    and UV edges, summed at the vertices weighted by UV-space area, made orthogonal to
-    the normal (Gram-Schmidt). v is taken upward (``1 - v`` of glTF's coordinates), as
-    MikkTSpace and Blender's exporter do, so ``w * cross(normal, tangent)`` points up the
-    image, the direction a normal map's green channel encodes.
-
-    Args:
-        positions: (V, 3). normals: (V, 3) unit. uvs: (V, 2) glTF orientation. faces: (F, 3).
-    """
-    p = np.asarray(positions, dtype=np.float64)
-    n = np.asarray(normals, dtype=np.float64)
-    uv = np.asarray(uvs, dtype=np.float64) * np.array([1.0, -1.0])  # v upward
-    f = np.asarray(faces, dtype=np.int64)
-    e1, e2 = p[f[:, 1]] - p[f[:, 0]], p[f[:, 2]] - p[f[:, 0]]
-    d1, d2 = uv[f[:, 1]] - uv[f[:, 0]], uv[f[:, 2]] - uv[f[:, 0]]
-    det = d1[:, 0] * d2[:, 1] - d2[:, 0] * d1[:, 1]
-    sign = np.sign(det)[:, None]
-    # dP/du * det and dP/dv * det, times sign(det): weighted by |det| (twice the UV area).
-    t_face = (e1 * d2[:, 1:2] - e2 * d1[:, 1:2]) * sign
-    b_face = (e2 * d1[:, 0:1] - e1 * d2[:, 0:1]) * sign
-    t_acc, b_acc = np.zeros_like(p), np.zeros_like(p)
-    for k in range(3):
-        np.add.at(t_acc, f[:, k], t_face)
-        np.add.at(b_acc, f[:, k], b_face)
-    t = t_acc - n * (n * t_acc).sum(axis=1, keepdims=True)
-    length = np.linalg.norm(t, axis=1, keepdims=True)
-    # A vertex with no usable UV triangle: any unit vector perpendicular to its normal.
-    helper = np.where(np.abs(n[:, :1]) < 0.9, np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]))
-    fallback = np.cross(n, helper)
-    fallback /= np.maximum(np.linalg.norm(fallback, axis=1, keepdims=True), 1e-30)
-    t = np.where(length > 1e-12, t / np.maximum(length, 1e-30), fallback)
-    w = np.where((np.cross(n, t) * b_acc).sum(axis=1) < 0.0, -1.0, 1.0)
-    t32 = t.astype(np.float32)
-    t32 /= np.linalg.norm(t32, axis=1, keepdims=True)
-    return np.concatenate([t32, w[:, None].astype(np.float32)], axis=1)
 
 
 def top_joint_weights(weights: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -294,6 +255,31 @@ def _check_skeleton(skeleton: Skeleton) -> tuple[np.ndarray, list[int]]:
 
 # ---------------------------------------------------------------------------
 # Buffer assembly
+
+
+def add_skin(gltf: Any, builder: Any, names: list[str], parents: list[int], positions: np.ndarray,
+             skin_name: str) -> int:
+    """Append a joint node per joint (from ``len(gltf.nodes)`` on, each holding its rest translation
+    relative to its parent, no rotation: the default pose is the rest pose) and the skin over
+    them, whose inverse bind matrices invert each joint's rest world transform. Returns the root
+    joint's node index (skin index: ``len(gltf.skins) - 1``)."""
+    from pygltflib import Node, Skin
+
+    first = len(gltf.nodes)
+    positions = np.asarray(positions, dtype=np.float64)
+    for j, joint_name in enumerate(names):
+        parent = parents[j]
+        rel = positions[j] - (positions[parent] if parent >= 0 else 0.0)
+        children = [first + c for c, q in enumerate(parents) if q == j]
+        gltf.nodes.append(Node(name=str(joint_name), translation=[float(x) for x in rel], children=children or None))
+    ibm = np.tile(np.eye(4), (len(names), 1, 1))
+    ibm[:, :3, 3] = -positions  # the inverse of each joint's rest world transform (a translation)
+    # glTF matrices are column-major: store each row-major matrix transposed.
+    ibm_acc = builder.accessor(np.ascontiguousarray(ibm.transpose(0, 2, 1), dtype=np.float32).reshape(-1, 16))
+    root = first + parents.index(-1)
+    gltf.skins.append(Skin(name=skin_name, joints=list(range(first, first + len(names))),
+                           inverseBindMatrices=ibm_acc, skeleton=root))
+    return root
 
 
 class _Builder:
@@ -417,7 +403,6 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
         Primitive,
         Sampler,
         Scene,
-        Skin,
         Texture,
         TextureInfo,
     )
@@ -490,18 +475,7 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
         gltf.materials.append(mat)
 
     # --- joints: nodes 0 .. J-1, local translations from the rest positions
-    for j, joint_name in enumerate(skeleton.names):
-        parent = parents[j]
-        rel = joint_positions[j] - (joint_positions[parent] if parent >= 0 else 0.0)
-        children = [c for c, q in enumerate(parents) if q == j]
-        gltf.nodes.append(Node(name=str(joint_name), translation=[float(x) for x in rel], children=children or None))
-    root_joint = parents.index(-1)
-    ibm = np.tile(np.eye(4), (num_joints, 1, 1))
-    ibm[:, :3, 3] = -joint_positions  # the inverse of each joint's rest world transform (a translation)
-    # glTF matrices are column-major: store each row-major matrix transposed.
-    ibm_acc = b.accessor(np.ascontiguousarray(ibm.transpose(0, 2, 1), dtype=np.float32).reshape(-1, 16))
-    gltf.skins.append(Skin(name=f"{scene_name}_skeleton", joints=list(range(num_joints)),
-                           inverseBindMatrices=ibm_acc, skeleton=root_joint))
+    root_joint = add_skin(gltf, b, list(skeleton.names), parents, joint_positions, f"{scene_name}_skeleton")
 
     # --- parts: one mesh, one primitive, one node each
     part_nodes = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from avatar.export.glb_rig import POSITION_EPSILON_M
+from avatar.export.glb_rig import POSITION_EPSILON_M, add_skin
 from avatar.export.glb_rig import _Builder as _RigBuilder
 from avatar.export.rig import Rig
 
@@ -58,7 +58,6 @@ def build_glb(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces
         Primitive,
         Sampler,
         Scene,
-        Skin,
         Texture,
         TextureInfo,
     )
@@ -102,26 +101,8 @@ def build_glb(positions: np.ndarray, normals: np.ndarray, uvs: np.ndarray, faces
         mesh.extras = {"targetNames": list(rig.target_names)}
         attrs.JOINTS_0 = b.accessor(rig.joints, _ARRAY_BUFFER)
         attrs.WEIGHTS_0 = b.accessor(rig.weights.astype(np.float32), _ARRAY_BUFFER)
-        first_joint = len(gltf.nodes)
-        joint_nodes = []
-        for j, joint_name in enumerate(rig.joint_names):
-            parent = rig.parents[j]
-            rel = rig.joint_positions[j] - (rig.joint_positions[parent] if parent >= 0 else 0.0)
-            gltf.nodes.append(Node(name=joint_name, translation=[float(x) for x in rel], children=[]))
-            joint_nodes.append(first_joint + j)
-        for j, parent in enumerate(rig.parents):
-            if parent >= 0:
-                gltf.nodes[first_joint + parent].children.append(first_joint + j)
-        for node in gltf.nodes[first_joint:]:
-            if not node.children:
-                node.children = None
-        ibm = np.tile(np.eye(4, dtype=np.float32), (len(rig.joint_names), 1, 1))
-        ibm[:, :3, 3] = -rig.joint_positions
-        # glTF matrices are column-major: store the transpose of each row-major matrix.
-        ibm_acc = b.accessor(np.ascontiguousarray(ibm.transpose(0, 2, 1)).reshape(-1, 16))
-        root_joint = first_joint + rig.parents.index(-1)
-        gltf.skins.append(Skin(name=f"{name}_skeleton", joints=joint_nodes, inverseBindMatrices=ibm_acc,
-                               skeleton=root_joint))
+        root_joint = add_skin(gltf, b, list(rig.joint_names), list(rig.parents), rig.joint_positions,
+                              f"{name}_skeleton")
         mesh_node.skin = 0
         roots.append(root_joint)
     gltf.meshes.append(mesh)
