@@ -570,9 +570,7 @@ def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool,
 
 def _topology(avatar: Any, wanted: str) -> str:
     """``prior`` needs the anny prior (the export head is anny's); other priors export their surface."""
-    if wanted == "prior" and not str(avatar.prior_spec or "auto").startswith(("anny", "auto")):
-        return "surface"
-    if wanted == "prior" and getattr(_resolved_prior(avatar), "name", "anny") != "anny":
+    if wanted == "prior" and _resolved_prior(avatar).name != "anny":
         return "surface"
     return wanted
 
