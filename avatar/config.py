@@ -348,21 +348,23 @@ class EditConfig(RunConfig):
 class ExportConfig:
     formats: tuple[str, ...] = ("glb", "obj", "ply")
     """Files to write: any of ``glb``, ``obj``, ``ply``, ``video``."""
-    topology: str = "surface"
-    """``surface``: the generated surface itself, decimated, its own UV atlas, the prior's
-    blendshapes and weights transferred by closest point. ``prior``: the anny head on its own
-    topology (skin, eyes, teeth, tongue, jaw), fitted to the generated surface, with the prior's
-    own blendshapes and visemes, base colour, normal and ORM maps baked on its UV layout, and an
-    accessory mesh for what it cannot follow (anny runs; others export their surface). ``prior``
-    becomes the default once the viewer and preview read multi-part files."""
-    faces: int = 50_000
-    """Target face count of the ``surface`` topology after decimation."""
-    texture_size: int = 1024
-    """Texture size in pixels (a power of two: 1024, 2048 or 4096; 2048 suits ``prior``)."""
+    topology: str = "prior"
+    """``prior`` (the default): the anny head on its own topology (skin, eyes, teeth, tongue,
+    jaw), fitted to the generated surface, with the prior's own blendshapes and visemes, base
+    colour, normal and ORM maps baked on its UV layout, and an accessory mesh for what it
+    cannot follow (runs on the anny prior; runs on another prior export their surface).
+    ``surface``: the generated surface itself, decimated, its own UV atlas, the prior's
+    blendshapes and weights transferred by closest point."""
+    faces: int = 30_000
+    """Triangle budget. ``prior``: the head's, up to which the skin is subdivided (blendshapes
+    and weights carried through the subdivision). ``surface``: the decimation target."""
+    texture_size: int = 2048
+    """Texture size in pixels: a power of two from 256 to 4096 (1024, 2048 or 4096 for engines)."""
     rig: bool = True
     """Write blendshapes and a skeleton; false writes a static mesh."""
     roughness: float = 0.7
-    """PBR roughness of the material (metallic is always 0)."""
+    """PBR roughness of the ``surface`` material (metallic is always 0); the ``prior`` head's ORM
+    maps carry their own."""
     video_frames: int = 120
     """Frames of the turntable video."""
     video_size: int = 512

@@ -5,8 +5,11 @@ test_export_smoke.py)."""
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,7 +190,7 @@ def head_export(head_run, tmp_path_factory):
     from avatar.export import export_run
 
     out = tmp_path_factory.mktemp("head-export")
-    summary = export_run(head_run, ExportConfig(faces=4000, texture_size=256), out_dir=out)
+    summary = export_run(head_run, ExportConfig(topology="surface", faces=4000, texture_size=256), out_dir=out)
     return out, summary
 
 
@@ -499,7 +502,7 @@ def test_existing_export_needs_force(head_run, tmp_path):
     from avatar.config import ExportConfig
     from avatar.export import ExportError, export_run
 
-    cfg = ExportConfig(formats=("ply",), faces=500, texture_size=256)
+    cfg = ExportConfig(formats=("ply",), topology="surface", faces=500, texture_size=256)
     export_run(head_run, cfg, out_dir=tmp_path)
     before = (tmp_path / "avatar.ply").read_bytes()
     with pytest.raises(ExportError, match="--force"):
@@ -524,7 +527,7 @@ def test_a_failed_export_leaves_nothing_and_the_next_one_needs_no_force(head_run
     from avatar.export import export_run, formats
 
     run = copy_run(head_run, tmp_path)
-    cfg = ExportConfig(formats=("glb", "ply"), faces=500, texture_size=256)
+    cfg = ExportConfig(formats=("glb", "ply"), topology="surface", faces=500, texture_size=256)
 
     def full_disk(*args, **kwargs):  # the PLY is written after the GLB
         raise RuntimeError("the disk broke")
@@ -563,7 +566,7 @@ def hang(*args, **kwargs):
     time.sleep(600)
 
 formats.ply_bytes = hang
-export_run({str(run)!r}, ExportConfig(formats=("glb", "ply"), faces=500, texture_size=256))
+export_run({str(run)!r}, ExportConfig(formats=("glb", "ply"), topology="surface", faces=500, texture_size=256))
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -580,7 +583,8 @@ export_run({str(run)!r}, ExportConfig(formats=("glb", "ply"), faces=500, texture
     assert (stage / "avatar.glb").is_file()  # what the kill left, out of the way
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the killed export's stale lock, if any, is taken over with a warning
-        summary = export_run(run, ExportConfig(formats=("glb", "ply"), faces=500, texture_size=256))
+        summary = export_run(run, ExportConfig(formats=("glb", "ply"), topology="surface", faces=500,
+                                               texture_size=256))
     assert set(summary["files"]) == {"glb", "ply"}
     assert not [p.name for p in run.iterdir() if p.name.startswith(".export")]
 
@@ -656,9 +660,10 @@ def test_a_later_export_adds_its_format_and_export_json_lists_every_file(head_ru
 
     run = copy_run(head_run, tmp_path)
     out = run / "export"
-    export_run(run, ExportConfig(formats=("glb",), faces=500, texture_size=256))
+    export_run(run, ExportConfig(formats=("glb",), topology="surface", faces=500, texture_size=256))
     glb = (out / "avatar.glb").read_bytes()
-    video = ExportConfig(formats=("video",), faces=500, texture_size=256, video_frames=2, video_size=64)
+    video = ExportConfig(formats=("video",), topology="surface", faces=500, texture_size=256, video_frames=2,
+                         video_size=64)
     export_run(run, video)  # no --force: the folder holds no video yet
     assert (out / "avatar.glb").read_bytes() == glb
     listing = json.loads((out / "export.json").read_text())
@@ -685,8 +690,8 @@ def test_preview_runs_after_an_export_with_a_turntable(head_run, tmp_path):
 
     run = copy_run(head_run, tmp_path)
     out = run / "export"
-    export_run(run, ExportConfig(formats=("glb", "video"), faces=500, texture_size=256, video_frames=2,
-                                 video_size=64))
+    export_run(run, ExportConfig(formats=("glb", "video"), topology="surface", faces=500, texture_size=256,
+                                 video_frames=2, video_size=64))
     turntable = (out / "turntable.mp4").read_bytes()
     summary = preview_run(run, frames=2, size=64)
     assert Path(summary["video"]) == out / "preview.mp4" and Path(summary["html"]).is_file()
@@ -745,7 +750,7 @@ def test_unwritable_output_folder(head_run, tmp_path):
         target.mkdir()
         target.chmod(0o500)
     with pytest.raises(ExportError, match="cannot write"):
-        export_run(head_run, ExportConfig(faces=500, texture_size=256), out_dir=target)
+        export_run(head_run, ExportConfig(topology="surface", faces=500, texture_size=256), out_dir=target)
 
 
 def test_preview_rejects_sizes_that_are_not_multiples_of_16(head_run):
@@ -755,17 +760,74 @@ def test_preview_rejects_sizes_that_are_not_multiples_of_16(head_run):
         preview_run(head_run, frames=4, size=100)
 
 
+def run_viewer(page: str, tmp_path: Path, hash_: str = "") -> dict:
+    """Run ``preview.html``'s script in Node with the DOM stubbed (no WebGL: it stops after reading
+    the GLB), then load the embedded GLB through its own functions with ``location.hash`` set:
+    the page's status line, target names and weights, and for each part its name, counts and
+    positions under those weights (float32)."""
+    import base64
+
+    from avatar.export.viewer import viewer_script
+
+    node = node_executable()
+    marker = '<script id="glb-data" type="application/octet-stream">'
+    start = page.index(marker) + len(marker)
+    data = page[start:page.index("</script>", start)]
+    (tmp_path / "glb.b64").write_text(data)
+    prelude = f"""
+const fs = require("fs");
+const glbText = fs.readFileSync({json.dumps(str(tmp_path / "glb.b64"))}, "utf8");
+const elements = {{status: {{textContent: ""}}, "glb-data": {{textContent: glbText}}, gl: {{getContext: () => null}}}};
+globalThis.document = {{getElementById: (id) => elements[id]}};
+globalThis.location = {{hash: {json.dumps(hash_)}}};
+globalThis.window = globalThis;
+"""
+    epilogue = """
+const api = globalThis.avatarPreview;
+const scene = api.loadScene(api.parseGLB(Uint8Array.from(Buffer.from(glbText, "base64"))));
+const weights = api.hashWeights(scene.names, location.hash);
+const parts = scene.primitives.map(function (p) {
+  const moved = api.morph(p, weights);
+  return {name: p.name, vertices: p.positions.length / 3, triangles: p.indices.length / 3, image: p.image,
+          targets: p.targets.length, positions: Buffer.from(moved.positions.buffer).toString("base64")};
+});
+console.log(JSON.stringify({status: elements.status.textContent, names: scene.names, weights: Array.from(weights),
+                            parts: parts}));
+"""
+    script = tmp_path / "viewer-run.js"
+    script.write_text(prelude + viewer_script(page) + epilogue)
+    proc = subprocess.run([node, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for part in out["parts"]:
+        part["positions"] = np.frombuffer(base64.b64decode(part["positions"]), dtype=np.float32).reshape(-1, 3)
+    return out
+
+
+def check_viewer_morphs(viewer: dict, glb, weights: dict[str, float]) -> None:
+    """The page read every part of the GLB, and its morph of each equals read_glb's."""
+    assert viewer["status"] == "WebGL is not available in this browser"  # read the GLB without an error
+    assert viewer["names"] == glb.target_names
+    assert [p["name"] for p in viewer["parts"]] == [p.name for p in glb.parts]
+    for seen, part in zip(viewer["parts"], glb.parts):
+        assert (seen["vertices"], seen["triangles"]) == (len(part.positions), len(part.faces))
+        expected = part.positions + sum((w * part.targets[n] for n, w in weights.items() if n in part.targets),
+                                        np.zeros_like(part.positions))
+        assert np.abs(seen["positions"] - expected).max() < 1e-6, part.name
+
+
 def test_preview_video_and_offline_viewer(head_run, tmp_path):
+    """A single-mesh GLB (surface topology): the turntable, and a page that reads its sparse targets."""
     import base64
 
     import imageio.v2 as imageio
 
     from avatar.config import ExportConfig
     from avatar.export import export_run, preview_run
-    from avatar.export.viewer import viewer_script
+    from avatar.export.viewer import read_glb
 
     run = copy_run(head_run, tmp_path)
-    export_run(run, ExportConfig(formats=("glb",), faces=1500, texture_size=256))
+    export_run(run, ExportConfig(formats=("glb",), topology="surface", faces=1500, texture_size=256))
     summary = preview_run(run, frames=6, size=64)
     assert not summary["exported"]
     reader = imageio.get_reader(summary["video"], format="FFMPEG")
@@ -773,25 +835,146 @@ def test_preview_video_and_offline_viewer(head_run, tmp_path):
     reader.close()
     assert count == 6
     page = Path(summary["html"]).read_text()
-    glb = (run / "export" / "avatar.glb").read_bytes()
-    assert base64.b64encode(glb).decode() in page
+    glb_path = run / "export" / "avatar.glb"
+    assert base64.b64encode(glb_path.read_bytes()).decode() in page
     for name in ARKIT_NAMES:
         assert f'"{name}"' in page or f"&quot;{name}&quot;" in page
     assert "http://" not in page and "https://" not in page  # nothing to fetch
-    node = node_executable()
-    script = tmp_path / "viewer.js"
-    script.write_text(viewer_script(page))
-    proc = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    glb = read_glb(glb_path)
+    assert len(glb.parts) == 1 and glb.target_names == ARKIT_NAMES
+    assert glb.texture.shape == (256, 256, 3) and glb.texture is glb.parts[0].texture  # one image: as it is
+    viewer = run_viewer(page, tmp_path, "#jawOpen=1&eyeBlinkLeft=0.5&nope=1")
+    assert viewer["weights"][ARKIT_NAMES.index("jawOpen")] == 1.0 and sum(viewer["weights"]) == 1.5
+    check_viewer_morphs(viewer, glb, {"jawOpen": 1.0, "eyeBlinkLeft": 0.5})
+    jaw = np.abs(viewer["parts"][0]["positions"] - glb.positions).max()
+    assert jaw > 0.005  # the chin moved
 
 
-def test_no_rig_writes_a_static_glb(head_run, tmp_path):
+@pytest.mark.parametrize("topology", ["surface", "prior"])
+def test_no_rig_writes_a_static_glb(head_run, tmp_path, topology):
     from avatar.config import ExportConfig
     from avatar.export import export_run
 
-    summary = export_run(head_run, ExportConfig(formats=("glb",), faces=500, texture_size=256, rig=False),
-                         out_dir=tmp_path)
-    assert not summary["rig"] and summary["morph_targets"] == 0
-    arrays = glb_arrays(tmp_path / "avatar.glb")
-    assert not arrays["gltf"].skins and arrays["targets"] == []
-    assert validate_glb(tmp_path / "avatar.glb")["issues"]["numErrors"] == 0
+    summary = export_run(head_run, ExportConfig(formats=("glb",), topology=topology, faces=500, texture_size=256,
+                                                rig=False), out_dir=tmp_path)
+    assert summary["topology"] == topology
+    assert not summary["rig"] and summary["morph_targets"] == 0 and summary["joints"] == []
+    gltf = glb_arrays(tmp_path / "avatar.glb")["gltf"]
+    assert not gltf.skins and len(gltf.meshes) == (1 if topology == "surface" else len(summary["parts"]))
+    for mesh in gltf.meshes:
+        prim = mesh.primitives[0]
+        assert not prim.targets and prim.attributes.JOINTS_0 is None and prim.attributes.WEIGHTS_0 is None
+    assert all(node.mesh is not None and node.skin is None for node in gltf.nodes)  # no joint nodes
+    issues = validate_glb(tmp_path / "avatar.glb")["issues"]
+    assert issues["numErrors"] == 0 and issues["numWarnings"] == 0
+
+
+# ---------------------------------------------------------------------------
+# The default export: the prior's head, every part in the viewer and the turntables
+
+
+@pytest.fixture(scope="module")
+def default_export(head_run, tmp_path_factory):
+    """``avatar export RUN --format glb,video`` with every other setting its default, the turntable's
+    inputs recorded (the export's and the preview's)."""
+    from avatar.config import ExportConfig
+    from avatar.export import export_run, preview_run, video
+
+    run = copy_run(head_run, tmp_path_factory.mktemp("default-export"))
+    turntables = {}
+    write = video.write_turntable
+
+    def recording(path, verts, faces, uvs, image, *args, **kwargs):
+        turntables[Path(path).name] = (verts.clone(), faces.clone(), uvs.clone(), image.clone())
+        return write(path, verts, faces, uvs, image, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(video, "write_turntable", recording)
+        summary = export_run(run, ExportConfig(formats=("glb", "video"), video_frames=4, video_size=64))
+        preview = preview_run(run, frames=4, size=64)
+    return {"run": run, "summary": summary, "preview": preview, "turntables": turntables}
+
+
+@pytest.mark.slow  # one export with every default: the fit, a 30k-face head, 2048 maps
+def test_the_default_export_is_the_prior_head_with_2048_maps(default_export):
+    from PIL import Image
+
+    from avatar.config import ExportConfig
+    from avatar.export.prior_export import PARTS
+
+    cfg = ExportConfig()
+    assert (cfg.topology, cfg.faces, cfg.texture_size) == ("prior", 30_000, 2048)
+    summary, out = default_export["summary"], default_export["run"] / "export"
+    assert summary["topology"] == "prior" and summary["texture_size"] == 2048
+    assert set(PARTS) <= set(summary["parts"]) and len(summary["materials"]) <= 3
+    assert summary["rig"] and summary["morph_targets"] == 52 + 15
+    assert summary["joints"] == ["neck", "head", "jaw", "left_eye", "right_eye"]
+    path = out / "avatar.glb"
+    issues = validate_glb(path)["issues"]
+    assert issues["numErrors"] == 0 and issues["numWarnings"] == 0
+    gltf = glb_arrays(path)["gltf"]
+    blob = gltf.binary_blob()
+    assert [m.name for m in gltf.meshes] == [f"{p}_geometry" for p in summary["parts"]]
+    sizes = {}
+    for image in gltf.images:
+        view = gltf.bufferViews[image.bufferView]
+        sizes[image.name] = Image.open(io.BytesIO(blob[view.byteOffset:view.byteOffset + view.byteLength])).size
+    assert sizes["skin_basecolor"] == sizes["skin_normal"] == sizes["skin_orm"] == (2048, 2048)
+    listing = json.loads((out / "export.json").read_text())
+    assert listing["exports"][0]["topology"] == "prior" and listing["formats"] == ["glb", "video"]
+
+
+@pytest.mark.slow  # one export with every default: the fit, a 30k-face head, 2048 maps
+def test_the_turntables_show_every_part_textured(default_export):
+    """The export's turntable and the preview's render one mesh of every part, their images packed
+    into one texture: each part's remapped UVs read its own image, and from the front the eyes show."""
+    from avatar.export.texture import sample_texture
+    from avatar.export.video import turntable_cameras
+    from avatar.export.viewer import read_glb
+    from avatar.ops.raster import rasterize
+
+    glb = read_glb(default_export["run"] / "export" / "avatar.glb")
+    assert len(glb.parts) == len(default_export["summary"]["parts"]) >= 6
+    assert set(default_export["turntables"]) == {"turntable.mp4", "preview.mp4"}
+    for name, (verts, faces, uvs, image) in default_export["turntables"].items():
+        assert len(faces) == sum(len(p.faces) for p in glb.parts) == len(glb.faces), name
+        assert len(verts) == len(glb.positions) and torch.equal(uvs, torch.as_tensor(glb.uvs)), name
+        assert torch.equal(image, torch.as_tensor(glb.texture, dtype=torch.float32) / 255.0), name
+    assert glb.texture.shape[0] > 2048 or glb.texture.shape[1] > 2048  # the skin's 2048 image and more
+    for part, start in zip(glb.parts, glb.offsets):
+        rows = slice(start, start + len(part.positions))
+        own = sample_texture(torch.as_tensor(part.texture, dtype=torch.float32) / 255.0,
+                             torch.as_tensor(part.uvs).clamp(0, 1))
+        packed = sample_texture(torch.as_tensor(glb.texture, dtype=torch.float32) / 255.0,
+                                torch.as_tensor(glb.uvs[rows]))
+        assert (own - packed).abs().max() < 1e-4, part.name
+    verts, faces = default_export["turntables"]["turntable.mp4"][:2]
+    cams = turntable_cameras(1, 256)  # the first frame: the front
+    faces32 = faces.to(torch.int32).contiguous()
+    rast, _ = rasterize(cams.to_clip(verts, 0.05, 10.0).contiguous(), faces32, (256, 256))
+    seen = torch.unique(rast[..., 3].long().flatten()) - 1
+    first_face = np.cumsum([0, *(len(p.faces) for p in glb.parts)])
+    shown = {p.name.removesuffix("_geometry") for p, lo, hi in zip(glb.parts, first_face, first_face[1:])
+             if ((seen >= lo) & (seen < hi)).any()}
+    assert {"skin", "left_eye", "right_eye"} <= shown, shown
+
+
+@pytest.mark.slow  # one export with every default: the fit, a 30k-face head, 2048 maps
+def test_the_viewer_reads_every_part_and_drives_all_of_them(default_export, tmp_path):
+    from avatar.export.viewer import read_glb
+
+    out = default_export["run"] / "export"
+    page = (out / "preview.html").read_text()
+    glb = read_glb(out / "avatar.glb")
+    assert len(glb.target_names) == 52 + 15 and set(ARKIT_NAMES) <= set(glb.target_names)
+    assert "viseme_aa" in glb.target_names
+    listed = re.search(r"<!-- avatar preview; blendshapes: (.*?) -->", page).group(1)
+    assert json.loads(html.unescape(listed)) == glb.target_names  # the page lists every target
+    viewer = run_viewer(page, tmp_path, "#jawOpen=1")
+    check_viewer_morphs(viewer, glb, {"jawOpen": 1.0})
+    assert all(p["targets"] == len(glb.target_names) for p in viewer["parts"])
+    # One weight moves every part that jawOpen moves: the skin's chin, the lower teeth and the tongue.
+    moved = {p.name.removesuffix("_geometry"): float(np.abs(v["positions"] - p.positions).max())
+             for p, v in zip(glb.parts, viewer["parts"])}
+    assert moved["skin"] > 0.005 and moved["lower_teeth"] > 0.003 and moved["tongue"] > 0.003, moved
+    assert moved["left_eye"] < 1e-6, moved

@@ -334,6 +334,36 @@ def test_skeleton_needs_one_root():
         build_rigged_glb(head["parts"], head["materials"], two_roots, MORPHS)
 
 
+
+def test_a_static_file_has_no_skin_joints_or_targets(tmp_path):
+    """``skeleton=None`` (``export --no-rig``): the parts alone, their joints, weights and morphs
+    not written; the validator finds nothing and the parts keep their geometry and materials."""
+    from pygltflib import GLTF2
+
+    head = synthetic_head()
+    path = Path(tmp_path) / "static.glb"
+    path.write_bytes(build_rigged_glb(head["parts"], head["materials"], None, []))
+    report = validate_glb(path)
+    assert report["issues"]["numErrors"] == 0 and report["issues"]["numWarnings"] == 0
+    gltf = GLTF2().load_binary(str(path))
+    blob = gltf.binary_blob()
+    assert not gltf.skins and [n.name for n in gltf.nodes] == ["head_mesh", "left_eye_mesh", "teeth_mesh"]
+    assert gltf.scenes[gltf.scene].nodes == [0, 1, 2] and all(n.skin is None for n in gltf.nodes)
+    for mesh, part in zip(gltf.meshes, head["parts"]):
+        prim = mesh.primitives[0]
+        assert prim.attributes.JOINTS_0 is None and prim.attributes.WEIGHTS_0 is None
+        assert not prim.targets and not mesh.weights and not (mesh.extras or {}).get("targetNames")
+        assert np.abs(decode(gltf, blob, prim.attributes.POSITION) - part.positions).max() < 1e-6
+    assert [m.name for m in gltf.materials] == ["skin", "eyes", "mouth"]
+    assert gltf.meshes[0].primitives[0].attributes.TANGENT is not None  # its normal map still needs them
+    # No joints are needed either, and morph names without a skeleton are refused.
+    for part in head["parts"]:
+        part.joints = part.weights = None
+    assert build_rigged_glb(head["parts"], head["materials"], None, []) == path.read_bytes()
+    with pytest.raises(ValueError, match="static file"):
+        build_rigged_glb(head["parts"], head["materials"], None, MORPHS)
+
+
 def anny_glb_parts(with_normals: bool) -> tuple[list[GLBPart], Skeleton, list[str]]:
     """The anny export head as GLB parts: every part, the 52 ARKit targets and 15 visemes."""
     import torch

@@ -1,6 +1,6 @@
-"""Acceptance of the export on the session's smoke run (tiny guidance, smoke preset):
-the files engines read, validated, loaded back and animated. Slow: the smoke run takes
-minutes; the export itself about one. Exports go into a copy of the run."""
+"""Acceptance of the surface export (``--topology surface``) on the session's smoke run (tiny
+guidance, smoke preset): the files engines read, validated, loaded back and animated. Slow:
+the smoke run takes minutes; the export itself about one. Exports go into a copy of the run."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ def smoke_export(smoke_run, tmp_path_factory):
     from avatar.export import export_run
 
     run = copy_run(smoke_run[0], tmp_path_factory.mktemp("smoke-export"))
-    summary = export_run(run, ExportConfig(formats=("glb", "obj", "ply", "video"), video_frames=24,
-                                           video_size=128))
+    # The surface topology: these tests are about the generated surface and its closest-point rig
+    # (the prior topology's are in test_export_prior.py and test_export.py).
+    summary = export_run(run, ExportConfig(formats=("glb", "obj", "ply", "video"), topology="surface",
+                                           texture_size=1024, video_frames=24, video_size=128))
     print("export summary:", summary)
     return run, summary
 

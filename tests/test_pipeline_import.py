@@ -138,6 +138,28 @@ def test_a_closed_mesh_starts_from_its_own_shape_an_open_one_from_the_prior(prio
     assert cfg.coarse.steps > 0  # the caller's config is left as it was
 
 
+
+def test_an_imported_head_exports_on_the_prior_topology(prior, tmp_path, one_thread, monkeypatch):
+    """``avatar import`` then ``avatar export``: the default export fits the prior's own head to the
+    imported surface, as for a generated head. The import records the default prior (``auto``),
+    which resolves to anny, whose export head the fit needs."""
+    from avatar.config import ExportConfig
+    from avatar.export import export_run
+
+    monkeypatch.delenv("AVATAR_FLAME_DIR", raising=False)
+    sizes = [s for s in TINY_SIZES if not s.startswith("prior.spec=")]
+    cfg = make_config(GenerateConfig, "smoke", ["prompt=a bumped head", *sizes, "fine.steps=1",
+                                                "checkpoint_every=100", "preview_every=100"])
+    ws = Workspace.create(tmp_path / "out", "import")
+    run_import(cfg, user_mesh(prior, tmp_path), ws, progress=False)
+    assert json.loads(ws.info_path.read_text())["prior"] == "auto"
+    summary = export_run(ws.root, ExportConfig(formats=("glb",), faces=500, texture_size=256))
+    assert summary["topology"] == "prior"
+    assert {"skin", "left_eye", "right_eye", "upper_teeth", "lower_teeth", "tongue"} <= set(summary["parts"])
+    assert summary["morph_targets"] == 52 + 15 and "jaw" in summary["joints"]
+    print("import -> export: fit", {k: summary["fit"][k] for k in ("chamfer_mm", "p95_mm")})
+    assert summary["fit"]["chamfer_mm"] < 5.0  # the skin follows the imported head
+
 @pytest.mark.slow
 def test_cli_import_reconstructs_the_mesh(prior, tmp_path):
     """Acceptance (issue 7): silhouette IoU >= 0.95 against the imported mesh. The mesh is open

@@ -1,4 +1,5 @@
 """glTF 2.0 binary (GLB) writer for a rigged, multi-part head (issue 18): one skin, shared morph targets.
+(Or a static one: ``skeleton=None`` writes the parts alone, with no skin and no morph targets.)
 
 Plain data in (:class:`GLBPart`, :class:`GLBMaterial`, :class:`Skeleton`, NumPy arrays),
 bytes out (:func:`build_rigged_glb`), assembled accessor by accessor with pygltflib
@@ -44,6 +45,8 @@ after the glTF 2.0 specification (sections 3.6 to 3.9):
   or :func:`vertex_tangents` (a portable tangent frame: without one the validator
   warns ``MESH_PRIMITIVE_GENERATED_TANGENT_SPACE``); a baker that bakes against
   :func:`vertex_tangents` matches the file exactly.
+- **Static** (``skeleton=None``, ``avatar export --no-rig``): no joint nodes, no skin, no
+  ``JOINTS_0``/``WEIGHTS_0`` and no morph targets; the part nodes are the scene's roots.
 - +Y up, metres, the face toward +Z; no extensions.
 """
 
@@ -82,8 +85,9 @@ class GLBPart:
         uvs: (V, 2) texture coordinates, glTF orientation (origin at the image's top-left).
         faces: (F, 3) int triangles, counter-clockwise seen from outside.
         material: the :attr:`GLBMaterial.name` this part is drawn with.
-        joints: (V, 4) int skeleton indices (into :attr:`Skeleton.names`).
-        weights: (V, 4) non-negative skin weights, rows summing to 1 (renormalised here).
+        joints: (V, 4) int skeleton indices (into :attr:`Skeleton.names`); None for a static file.
+        weights: (V, 4) non-negative skin weights, rows summing to 1 (renormalised here); None
+            for a static file.
         morphs: morph name -> (V, 3) position deltas in metres; a name of ``morph_names``
             missing here moves nothing in this part.
         morph_normals: morph name -> (V, 3) normal deltas, or None (no normal targets).
@@ -97,8 +101,8 @@ class GLBPart:
     uvs: np.ndarray
     faces: np.ndarray
     material: str
-    joints: np.ndarray
-    weights: np.ndarray
+    joints: np.ndarray | None
+    weights: np.ndarray | None
     morphs: dict[str, np.ndarray] = field(default_factory=dict)
     morph_normals: dict[str, np.ndarray] | None = None
     tangents: np.ndarray | None = None
@@ -368,10 +372,12 @@ class _Builder:
 # The writer
 
 
-def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleton: Skeleton,
+def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleton: Skeleton | None,
                      morph_names: list[str], *, scene_name: str = "avatar",
                      extras: dict[str, Any] | None = None) -> bytes:
-    """A GLB file as bytes: every part a skinned mesh node, one skin, shared morph targets.
+    """A GLB file as bytes: every part a skinned mesh node, one skin, shared morph targets; with
+    ``skeleton=None`` a static file (every part a plain mesh node, its joints, weights and
+    morphs not written).
 
     See the module docstring for the layout.
 
@@ -379,8 +385,8 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
         parts: the meshes (at least one); names unique.
         materials: the materials the parts name (names unique; only those used are
             written, in this order).
-        skeleton: the joints every part is skinned to.
-        morph_names: the morph targets of every part, in this order.
+        skeleton: the joints every part is skinned to; None: a static file.
+        morph_names: the morph targets of every part, in this order (none for a static file).
         scene_name: the glTF scene's name (no node is named so).
         extras: ``asset.extras`` (JSON-serialisable).
 
@@ -412,16 +418,20 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
     # --- checks at the door
     if not parts:
         raise ValueError("build_rigged_glb: expected at least one part")
-    joint_positions, parents = _check_skeleton(skeleton)
-    num_joints = len(skeleton.names)
+    rigged = skeleton is not None
+    joint_names = list(skeleton.names) if rigged else []
+    num_joints = len(joint_names)
     morph_names = list(morph_names)
+    if not rigged and morph_names:
+        raise ValueError("build_rigged_glb: a static file (skeleton None) has no morph targets: pass "
+                         "morph_names=[]")
     if len(set(morph_names)) != len(morph_names):
         raise ValueError("build_rigged_glb: morph_names repeat a name")
     by_material = {m.name: m for m in materials}
     if len(by_material) != len(materials):
         raise ValueError("build_rigged_glb: two materials share a name")
     part_names = [p.name for p in parts]
-    node_names = [*skeleton.names, *(f"{n}_mesh" for n in part_names)]
+    node_names = [*joint_names, *(f"{n}_mesh" for n in part_names)]
     mesh_names = [f"{n}_geometry" for n in part_names]
     taken = node_names + mesh_names + [scene_name]
     if len(set(taken)) != len(taken):
@@ -431,6 +441,8 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
     for p in parts:
         if p.material not in by_material:
             raise ValueError(f"part {p.name!r}: unknown material {p.material!r}; expected one of {list(by_material)}")
+        if not rigged:
+            continue
         unknown = sorted(set(p.morphs) - set(morph_names)) + sorted(set(p.morph_normals or {}) - set(morph_names))
         if unknown:
             raise ValueError(f"part {p.name!r}: morphs {unknown} are not in morph_names")
@@ -475,7 +487,10 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
         gltf.materials.append(mat)
 
     # --- joints: nodes 0 .. J-1, local translations from the rest positions
-    root_joint = add_skin(gltf, b, list(skeleton.names), parents, joint_positions, f"{scene_name}_skeleton")
+    roots = []
+    if rigged:
+        joint_positions, parents = _check_skeleton(skeleton)
+        roots.append(add_skin(gltf, b, joint_names, parents, joint_positions, f"{scene_name}_skeleton"))
 
     # --- parts: one mesh, one primitive, one node each
     part_nodes = []
@@ -488,8 +503,6 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
         faces = _array(f"{label} faces", p.faces, (None, 3), np.int64)
         if len(faces) == 0 or faces.min() < 0 or faces.max() >= count:
             raise ValueError(f"{label}: faces must be non-empty and index its {count} vertices")
-        joints, weights = _canonical_skin(label, _array(f"{label} joints", p.joints, (count, 4), np.int64),
-                                          _array(f"{label} weights", p.weights, (count, 4)), num_joints)
         attrs = Attributes(POSITION=b.accessor(positions.astype(np.float32), _ARRAY_BUFFER, bounds=True),
                            NORMAL=b.accessor(normals, _ARRAY_BUFFER),
                            TEXCOORD_0=b.accessor(uvs.astype(np.float32), _ARRAY_BUFFER))
@@ -501,8 +514,11 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
             sign = np.where(tangents[:, 3] < 0, -1.0, 1.0).astype(np.float32)
             attrs.TANGENT = b.accessor(np.concatenate([_unit32(f"{label} tangents", tangents[:, :3]), sign[:, None]],
                                                       axis=1), _ARRAY_BUFFER)
-        attrs.JOINTS_0 = b.accessor(joints, _ARRAY_BUFFER)
-        attrs.WEIGHTS_0 = b.accessor(weights, _ARRAY_BUFFER)
+        if rigged:
+            joints, weights = _canonical_skin(label, _array(f"{label} joints", p.joints, (count, 4), np.int64),
+                                              _array(f"{label} weights", p.weights, (count, 4)), num_joints)
+            attrs.JOINTS_0 = b.accessor(joints, _ARRAY_BUFFER)
+            attrs.WEIGHTS_0 = b.accessor(weights, _ARRAY_BUFFER)
         index_dtype = np.uint16 if count < 65535 else np.uint32  # 65535 is the restart value
         primitive = Primitive(attributes=attrs, indices=b.accessor(faces.reshape(-1).astype(index_dtype),
                                                                    _ELEMENT_ARRAY_BUFFER),
@@ -527,10 +543,10 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
             mesh.weights = [0.0] * len(morph_names)
             mesh.extras = {"targetNames": morph_names}
         gltf.meshes.append(mesh)
-        gltf.nodes.append(Node(name=node_name, mesh=len(gltf.meshes) - 1, skin=0))
+        gltf.nodes.append(Node(name=node_name, mesh=len(gltf.meshes) - 1, skin=0 if rigged else None))
         part_nodes.append(len(gltf.nodes) - 1)
 
-    gltf.scenes.append(Scene(name=scene_name, nodes=[root_joint, *part_nodes]))
+    gltf.scenes.append(Scene(name=scene_name, nodes=[*roots, *part_nodes]))
     gltf.scene = 0
     gltf.buffers.append(Buffer(byteLength=len(b.blob)))
     gltf.set_binary_blob(bytes(b.blob))

@@ -1,10 +1,13 @@
 """``export_run`` and ``preview_run``: a finished run folder -> files for engines and people.
 
-export_run: read the avatar (:func:`~avatar.pipeline.artifact.load_avatar`) ->
-extract the surface at export resolution -> clean -> decimate -> smooth normals ->
-UV atlas -> bake the texture field -> transfer the prior's blendshapes and skin ->
-write ``avatar.glb``, ``avatar.obj`` (+ ``.mtl``, ``.png``), ``avatar.ply`` and, on
-request, ``turntable.mp4`` into ``RUN/export/``, plus ``export.json`` listing every file
+export_run: read the avatar (:func:`~avatar.pipeline.artifact.load_avatar`), then by
+``cfg.topology``: ``prior`` (the default, on anny runs) fits the prior's own head to its
+surface (:mod:`avatar.export.prior_export`: skin, eyes, teeth, tongue, maps on the prior's
+UV layout) and writes them as the parts of one GLB; ``surface`` extracts the surface at
+export resolution -> clean -> decimate -> smooth normals -> UV atlas -> bake the texture
+field -> transfer the prior's blendshapes and skin. Either writes ``avatar.glb``,
+``avatar.obj`` (+ ``.mtl``, ``.png``), ``avatar.ply`` and, on request, ``turntable.mp4``
+(rendered from the GLB's parts) into ``RUN/export/``, plus ``export.json`` listing every file
 of the folder and every export that wrote into it. Every argument is checked before any
 work and before anything is created; an existing file is never replaced without ``force``.
 
@@ -16,7 +19,7 @@ which the next export removes; the export folder itself is never half-written. (
 files are renamed into it one by one at the end.)
 
 preview_run: ``preview.mp4`` (a turntable) and the offline ``preview.html`` viewer next to
-the GLB (exported first if missing), both made from the GLB itself.
+the GLB (exported first if missing), both made from the GLB itself, every part of it.
 """
 
 from __future__ import annotations
@@ -469,9 +472,12 @@ def export_run(run: Any, cfg: Any = None, out_dir: str | Path | None = None, for
                progress: bool = False) -> dict[str, Any]:
     """Export a finished run (a path or a Workspace) as configured by an ExportConfig.
 
-    Writes into ``out_dir`` (default ``RUN/export/``): ``avatar.glb`` (textured PBR,
-    ARKit morph targets, neck/head/eye skin unless ``cfg.rig`` is false),
-    ``avatar.obj`` + ``avatar.mtl`` + ``avatar.png``, ``avatar.ply`` (vertex colours),
+    Writes into ``out_dir`` (default ``RUN/export/``): ``avatar.glb`` (``prior``: the fitted
+    head's skin, eyes, teeth, tongue and accessory, base colour, normal and ORM maps, ARKit
+    targets and visemes, neck/head/jaw/eye skin; ``surface``: the generated surface, its base
+    colour, ARKit targets, neck/head/eye skin; a static file when ``cfg.rig`` is false),
+    ``avatar.obj`` + ``avatar.mtl`` + ``avatar.png`` and ``avatar.ply`` (vertex colours)
+    (``prior``: the fitted skin),
     ``turntable.mp4`` (with ``video`` in ``cfg.formats``), and adds this export to
     ``export.json`` (:func:`record_output`). Files of other formats already in the folder
     are kept, so ``--format video`` after ``--format glb`` adds the video. The folder is
@@ -585,20 +591,22 @@ def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out:
     from avatar.workspace import atomic_write_bytes
 
     seconds: dict[str, float] = {}
-    built = build_prior_export(avatar, int(cfg.texture_size), engine=engine, report=report, seconds=seconds)
+    built = build_prior_export(avatar, int(cfg.texture_size), engine=engine, report=report, seconds=seconds,
+                                faces=int(cfg.faces))
     parts = built.parts
-    if not cfg.rig:  # a static mesh: no skin, no targets
-        for part in parts:
-            part.morphs, part.morph_normals = {}, None
     written: dict[str, str] = {}
     png = encode_png(built.skin_texture)
+    glb_bytes = b""
     with staged_output(out, [n for f in formats for n in FILES[f]], force) as stage:
-        if "glb" in formats:
+        if "glb" in formats or "video" in formats:  # the turntable is rendered from the GLB's parts
             with _timed(seconds, "glb", report):
-                data = build_rigged_glb(parts, built.materials, built.skeleton,
-                                        built.morph_names if cfg.rig else [], extras=_json_ready(asset_extras(avatar)))
-                atomic_write_bytes(stage / "avatar.glb", data)
-                written["glb"] = str(out / "avatar.glb")
+                # --no-rig: a static file (no skeleton, no skin, no morph targets).
+                glb_bytes = build_rigged_glb(parts, built.materials, built.skeleton if cfg.rig else None,
+                                             built.morph_names if cfg.rig else [],
+                                             extras=_json_ready(asset_extras(avatar)))
+                if "glb" in formats:
+                    atomic_write_bytes(stage / "avatar.glb", glb_bytes)
+                    written["glb"] = str(out / "avatar.glb")
         if "obj" in formats:
             with _timed(seconds, "obj", report):
                 for name, data in obj_files(built.skin_positions, built.skin_normals, built.skin_uvs,
@@ -616,12 +624,13 @@ def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out:
                 written["ply"] = str(out / "avatar.ply")
         if "video" in formats:
             from avatar.export.video import write_turntable
+            from avatar.export.viewer import read_glb
 
             with _timed(seconds, "video", report):
-                field = avatar.frame.to_field(torch.as_tensor(built.skin_positions, dtype=torch.float64)).float()
-                write_turntable(stage / "turntable.mp4", field, torch.as_tensor(built.skin_faces),
-                                torch.as_tensor(built.skin_uvs), torch.as_tensor(built.skin_texture,
-                                                                                 dtype=torch.float32) / 255.0,
+                glb = read_glb(glb_bytes)  # every part, their textures packed into one image
+                field = avatar.frame.to_field(torch.as_tensor(glb.positions, dtype=torch.float64)).float()
+                write_turntable(stage / "turntable.mp4", field, torch.as_tensor(glb.faces), torch.as_tensor(glb.uvs),
+                                torch.as_tensor(glb.texture, dtype=torch.float32) / 255.0,
                                 int(cfg.video_frames), int(cfg.video_size), engine=engine)
                 written["video"] = str(out / "turntable.mp4")
         summary = {
