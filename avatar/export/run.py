@@ -88,7 +88,7 @@ def validate_export_config(cfg: Any) -> tuple[str, ...]:
                           f"{TEXTURE_SIZES[1]}: pass --texture-size 1024, 2048 or 4096")
     if int(cfg.faces) < MIN_FACES:
         raise ExportError(f"--faces {cfg.faces} is too few for a head: pass at least {MIN_FACES} "
-                          "(default 30000)")
+                          "(default 20000)")
     if str(cfg.topology) not in TOPOLOGIES:
         raise ExportError(f"unknown topology '{cfg.topology}': choose prior (the anny head fitted to the avatar) "
                           "or surface (the generated surface itself), e.g. --topology surface")
@@ -575,10 +575,22 @@ def _export(ws: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool,
 
 
 def _topology(avatar: Any, wanted: str) -> str:
-    """``prior`` needs the anny prior (the export head is anny's); other priors export their surface."""
-    if wanted == "prior" and _resolved_prior(avatar).name != "anny":
+    """``prior`` needs a prior with an export head (anny's or FLAME's); other priors export their surface."""
+    if wanted == "prior" and _resolved_prior(avatar).name not in ("anny", "flame"):
         return "surface"
     return wanted
+
+
+def _export_head(avatar: Any) -> Any:
+    """The export head of the run's prior: FLAME's from the run's FLAME files, else anny's."""
+    prior = _resolved_prior(avatar)
+    if prior.name == "flame":
+        from avatar.prior.flame_export import flame_export_head_from_prior
+
+        return flame_export_head_from_prior(prior)
+    from avatar.prior.anny_export import load_export_head
+
+    return load_export_head()
 
 
 def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out: Path, force: bool, report: Any,
@@ -592,7 +604,7 @@ def _export_prior(ws: Any, avatar: Any, cfg: Any, formats: tuple[str, ...], out:
 
     seconds: dict[str, float] = {}
     built = build_prior_export(avatar, int(cfg.texture_size), engine=engine, report=report, seconds=seconds,
-                                faces=int(cfg.faces))
+                               head=_export_head(avatar), faces=int(cfg.faces))
     parts = built.parts
     written: dict[str, str] = {}
     png = encode_png(built.skin_texture)

@@ -492,6 +492,7 @@ def load_flame(folder: Path | str, recentre: bool = True, dtype: torch.dtype = t
         expression_pose=None if expression_pose is None else t(expression_pose),
         info={
             "source": f"FLAME files in {Path(folder).expanduser()}",
+            "folder": str(Path(folder).expanduser()),  # the export head looks for FLAME_texture.npz there
             "model_file": files["model"].name,
             "dynamic_embedding": files["dynamic"] is not None,
             "mediapipe_landmarks": mediapipe_count,
