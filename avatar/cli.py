@@ -252,7 +252,7 @@ def edit(
 def export_(
     run: Annotated[Path, typer.Argument(help="Run or edit folder to export.")],
     format_: Annotated[Optional[str], typer.Option("--format", help="Comma list of glb, obj, ply, video.")] = None,
-    faces: Annotated[Optional[int], typer.Option("--faces", help="Triangle budget (default 30,000): prior: the "
+    faces: Annotated[Optional[int], typer.Option("--faces", help="Triangle budget (default 20,000): prior: the "
                                                  "head's, the skin subdivided up to it; surface: the decimation "
                                                  "target.")] = None,
     texture_size: Annotated[Optional[int], typer.Option("--texture-size", help="Texture size: 1024, 2048 "

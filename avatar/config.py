@@ -355,7 +355,7 @@ class ExportConfig:
     cannot follow (runs on the anny prior; runs on another prior export their surface).
     ``surface``: the generated surface itself, decimated, its own UV atlas, the prior's
     blendshapes and weights transferred by closest point."""
-    faces: int = 30_000
+    faces: int = 20_000
     """Triangle budget. ``prior``: the head's, up to which the skin is subdivided (blendshapes
     and weights carried through the subdivision). ``surface``: the decimation target."""
     texture_size: int = 2048

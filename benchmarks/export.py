@@ -1,4 +1,4 @@
-"""Export speed: a 50k-face head with a 1024 texture, GLB + OBJ + PLY, by stage.
+"""Export speed: the default export (the prior's topology, 2048 maps), GLB + OBJ + PLY, by stage.
 
 The head is a run made from the head prior in seconds (fine stage only, one step, the
 DMTet grid at ``--dmtet`` cells, the default preset's texture-field size), so the
@@ -6,11 +6,13 @@ exporter resamples it to its export resolution, decimates to ``--faces``, unwrap
 bakes a full-size hash-grid texture field, transfers the 52 blendshapes and the skin
 and writes every format. ``--run RUN`` exports an existing run instead.
 
-    python benchmarks/export.py [--run RUN] [--topology surface|prior] [--faces 50000] [--texture-size 1024]
+    python benchmarks/export.py [--run RUN] [--topology prior|surface] [--faces N] [--texture-size 2048]
                                 [--threads 2]
 
-``--topology prior`` times the export on the prior's own topology instead (fit, subdivide, rig,
-bake, accessory, GLB; issue #18's goal is a quality-sized run in <= 60 s at ``--texture-size 2048``);
+``--topology prior`` (the default) times the export on the prior's own topology (fit, subdivide,
+rig, bake, accessory, GLB; issue #18's goal is a quality-sized run in <= 60 s at 2048);
+``--topology surface`` the surface path (decimation to ``--faces``, default 50000, unwrap, bake,
+closest-point transfer);
 there ``--faces`` is the head's triangle budget (default: the export's own default) and the
 subdivision's figures (skin triangles, refined, Chamfer of the exported skin) are printed too.
 
@@ -62,10 +64,10 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=None, help="export this run instead of a prior head")
     parser.add_argument("--faces", type=int, default=None,
                         help="surface: decimation target (default 50000); prior: the head's budget (default: export's)")
-    parser.add_argument("--texture-size", type=int, default=1024)
+    parser.add_argument("--texture-size", type=int, default=2048)
     parser.add_argument("--dmtet", type=int, default=64, help="DMTet cells of the generated prior head")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--topology", choices=("surface", "prior"), default="surface")
+    parser.add_argument("--topology", choices=("surface", "prior"), default="prior")
     args = parser.parse_args()
 
     import torch

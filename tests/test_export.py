@@ -903,7 +903,7 @@ def test_the_default_export_is_the_prior_head_with_2048_maps(default_export):
     from avatar.export.prior_export import PARTS
 
     cfg = ExportConfig()
-    assert (cfg.topology, cfg.faces, cfg.texture_size) == ("prior", 30_000, 2048)
+    assert (cfg.topology, cfg.faces, cfg.texture_size) == ("prior", 20_000, 2048)
     summary, out = default_export["summary"], default_export["run"] / "export"
     assert summary["topology"] == "prior" and summary["texture_size"] == 2048
     assert set(PARTS) <= set(summary["parts"]) and len(summary["materials"]) <= 3
