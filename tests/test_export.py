@@ -895,7 +895,7 @@ def default_export(head_run, tmp_path_factory):
     return {"run": run, "summary": summary, "preview": preview, "turntables": turntables}
 
 
-@pytest.mark.slow  # one export with every default: the fit, a 30k-face head, 2048 maps
+@pytest.mark.slow  # one export with every default: the fit, a 20k-face head, 2048 maps
 def test_the_default_export_is_the_prior_head_with_2048_maps(default_export):
     from PIL import Image
 
@@ -920,11 +920,14 @@ def test_the_default_export_is_the_prior_head_with_2048_maps(default_export):
         view = gltf.bufferViews[image.bufferView]
         sizes[image.name] = Image.open(io.BytesIO(blob[view.byteOffset:view.byteOffset + view.byteLength])).size
     assert sizes["skin_basecolor"] == sizes["skin_normal"] == sizes["skin_orm"] == (2048, 2048)
+    mime = {image.name: image.mimeType for image in gltf.images}
+    assert mime["skin_basecolor"] == "image/jpeg" and mime["skin_normal"] == mime["skin_orm"] == "image/png"
+    assert path.stat().st_size <= 10 * 2**20  # the issue's size for the default GLB
     listing = json.loads((out / "export.json").read_text())
     assert listing["exports"][0]["topology"] == "prior" and listing["formats"] == ["glb", "video"]
 
 
-@pytest.mark.slow  # one export with every default: the fit, a 30k-face head, 2048 maps
+@pytest.mark.slow  # one export with every default: the fit, a 20k-face head, 2048 maps
 def test_the_turntables_show_every_part_textured(default_export):
     """The export's turntable and the preview's render one mesh of every part, their images packed
     into one texture: each part's remapped UVs read its own image, and from the front the eyes show."""
@@ -959,7 +962,7 @@ def test_the_turntables_show_every_part_textured(default_export):
     assert {"skin", "left_eye", "right_eye"} <= shown, shown
 
 
-@pytest.mark.slow  # one export with every default: the fit, a 30k-face head, 2048 maps
+@pytest.mark.slow  # one export with every default: the fit, a 20k-face head, 2048 maps
 def test_the_viewer_reads_every_part_and_drives_all_of_them(default_export, tmp_path):
     from avatar.export.viewer import read_glb
 

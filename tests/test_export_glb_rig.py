@@ -20,6 +20,7 @@ from avatar.export.glb_rig import (
     top_joint_weights,
     vertex_tangents,
 )
+from avatar.export.texture import encode_jpeg
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
 
@@ -93,7 +94,9 @@ def synthetic_head() -> dict:
     tpos, tnrm, tuvs, tfaces = uv_sphere(0.02, [0.0, -0.05, 0.06], 4)
     teeth = GLBPart("teeth", tpos, tnrm, tuvs, tfaces, "mouth", np.tile([2, 0, 0, 0], (len(tpos), 1)),
                     np.tile([1.0, 0.0, 0.0, 0.0], (len(tpos), 1)))
-    materials = [GLBMaterial("skin", png((200, 150, 120)), png((128, 128, 255)), png((255, 150, 0)), roughness=1.0),
+    # The skin's base colour is a JPEG (what the prior export writes); normal and ORM maps are PNG.
+    materials = [GLBMaterial("skin", encode_jpeg(np.full((8, 8, 3), (200, 150, 120), np.uint8)), png((128, 128, 255)),
+                             png((255, 150, 0)), roughness=1.0),
                  GLBMaterial("eyes", png((240, 240, 240)), png((128, 128, 255)), None, roughness=0.2),
                  GLBMaterial("mouth", None, None, None, base_colour_factor=(0.9, 0.88, 0.8, 1.0))]
     return {"parts": [head, eye, teeth], "materials": materials, "clean": clean}
@@ -273,13 +276,13 @@ def test_materials_and_textures_are_wired(written):
 
     skin, source = gltf.materials[0], written["materials"][0]
     pbr = skin.pbrMetallicRoughness
-    assert image_bytes(pbr.baseColorTexture.index) == source.base_colour_png
+    assert image_bytes(pbr.baseColorTexture.index) == source.base_colour_image
     assert image_bytes(skin.normalTexture.index) == source.normal_png
     # One ORM image behind occlusion (R) and metallic-roughness (G, B).
     assert skin.occlusionTexture.index == pbr.metallicRoughnessTexture.index
     assert image_bytes(skin.occlusionTexture.index) == source.orm_png
     assert pbr.roughnessFactor == 1.0 and pbr.metallicFactor == 0.0
-    assert len(gltf.images) == 5 and all(i.mimeType == "image/png" for i in gltf.images)
+    assert [i.mimeType for i in gltf.images] == ["image/jpeg"] + ["image/png"] * 4
     mouth = gltf.materials[2]
     assert mouth.pbrMetallicRoughness.baseColorTexture is None and mouth.normalTexture is None
     assert np.allclose(mouth.pbrMetallicRoughness.baseColorFactor, [0.9, 0.88, 0.8, 1.0])

@@ -34,13 +34,15 @@ after the glTF 2.0 specification (sections 3.6 to 3.9):
   they save is stored dense. POSITION accessors carry ``min``/``max`` (required), over
   the zeros as well.
 - **Materials** (a few, shared by parts: skin, eyes, mouth): ``pbrMetallicRoughness``
-  with the base colour PNG (sRGB by the spec); a tangent-space normal map; and one ORM
+  with the base colour PNG or JPEG (sRGB by the spec; the prior export writes JPEG, a tenth
+  of the PNG's size for a detailed skin); a tangent-space normal map; and one ORM
   image (R = ambient occlusion, G = roughness, B = metallic) behind both
   ``occlusionTexture`` and ``metallicRoughnessTexture`` (one texture, as glTF intends
   for a packed ORM). A material's ``roughness``/``metallic`` are glTF's factors: with
   an ORM they multiply its G/B channels (pass 1.0 to use the map as it is). All
   textures share one sampler: trilinear with mipmaps, clamped to the edge (an atlas's
-  charts are padded; it does not tile). Images are embedded in the binary chunk.
+  charts are padded; it does not tile). Images are embedded in the binary chunk; normal
+  and ORM maps are PNG only (lossless).
   A part whose material has a normal map gets a ``TANGENT`` attribute: the caller's,
   or :func:`vertex_tangents` (a portable tangent frame: without one the validator
   warns ``MESH_PRIMITIVE_GENERATED_TANGENT_SPACE``); a baker that bakes against
@@ -72,6 +74,7 @@ _COMPONENT = {np.dtype(np.float32): _FLOAT, np.dtype(np.uint8): _UBYTE, np.dtype
               np.dtype(np.uint32): _UINT}
 _TYPE = {1: "SCALAR", 2: "VEC2", 3: "VEC3", 4: "VEC4", 16: "MAT4"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 @dataclass
@@ -110,11 +113,11 @@ class GLBPart:
 
 @dataclass
 class GLBMaterial:
-    """A PBR metallic-roughness material; images are PNG files' bytes.
+    """A PBR metallic-roughness material; images are PNG files' bytes (the base colour may be a JPEG's).
 
     Attributes:
         name: the material's name (parts refer to it).
-        base_colour_png: the base colour (sRGB), or None (the factor alone).
+        base_colour_image: the base colour (sRGB) as PNG or JPEG bytes, or None (the factor alone).
         normal_png: a tangent-space normal map (OpenGL convention, +Y up), or None.
         orm_png: R = ambient occlusion, G = roughness, B = metallic (linear), or None.
         base_colour_factor: RGBA multiplier of the base colour.
@@ -124,7 +127,7 @@ class GLBMaterial:
     """
 
     name: str
-    base_colour_png: bytes | None = None
+    base_colour_image: bytes | None = None
     normal_png: bytes | None = None
     orm_png: bytes | None = None
     base_colour_factor: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
@@ -226,13 +229,17 @@ def _canonical_skin(name: str, joints: np.ndarray, weights: np.ndarray, num_join
     return j.astype(dtype).reshape(-1, k), w32
 
 
-def _png(label: str, data: bytes | None) -> bytes | None:
+def _image(label: str, data: bytes | None, jpeg: bool = False) -> tuple[bytes, str] | None:
+    """An image's bytes and MIME type: PNG, or JPEG where ``jpeg`` (a base colour; a normal or
+    ORM map stays lossless)."""
     if data is None:
         return None
     data = bytes(data)
-    if not data.startswith(_PNG_SIGNATURE):
-        raise ValueError(f"{label}: expected PNG bytes (the file signature is missing)")
-    return data
+    if data.startswith(_PNG_SIGNATURE):
+        return data, "image/png"
+    if jpeg and data.startswith(_JPEG_SIGNATURE):
+        return data, "image/jpeg"
+    raise ValueError(f"{label}: expected {'PNG or JPEG' if jpeg else 'PNG'} bytes (the file signature is missing)")
 
 
 def _check_skeleton(skeleton: Skeleton) -> tuple[np.ndarray, list[int]]:
@@ -454,27 +461,27 @@ def build_rigged_glb(parts: list[GLBPart], materials: list[GLBMaterial], skeleto
     used = [m for m in materials if any(p.material == m.name for p in parts)]
     material_index: dict[str, int] = {}
     needs_tangents: dict[str, bool] = {}
-    if any(m.base_colour_png or m.normal_png or m.orm_png for m in used):
+    if any(m.base_colour_image or m.normal_png or m.orm_png for m in used):
         gltf.samplers.append(Sampler(magFilter=_LINEAR, minFilter=_LINEAR_MIPMAP_LINEAR, wrapS=_CLAMP_TO_EDGE,
                                      wrapT=_CLAMP_TO_EDGE))
 
-    def texture(png: bytes, label: str) -> int:
-        gltf.images.append(Image(bufferView=b.view(png), mimeType="image/png", name=label))
+    def texture(image: tuple[bytes, str], label: str) -> int:
+        gltf.images.append(Image(bufferView=b.view(image[0]), mimeType=image[1], name=label))
         gltf.textures.append(Texture(sampler=0, source=len(gltf.images) - 1, name=label))
         return len(gltf.textures) - 1
 
     for m in used:
-        base_png = _png(f"material {m.name!r} base colour", m.base_colour_png)
-        normal_png = _png(f"material {m.name!r} normal map", m.normal_png)
-        orm_png = _png(f"material {m.name!r} ORM map", m.orm_png)
+        base_image = _image(f"material {m.name!r} base colour", m.base_colour_image, jpeg=True)
+        normal_png = _image(f"material {m.name!r} normal map", m.normal_png)
+        orm_png = _image(f"material {m.name!r} ORM map", m.orm_png)
         factor = [float(x) for x in m.base_colour_factor]
         if len(factor) != 4:
             raise ValueError(f"material {m.name!r}: base_colour_factor must be RGBA, got {factor}")
         pbr = PbrMetallicRoughness(baseColorFactor=factor, metallicFactor=float(m.metallic),
                                    roughnessFactor=float(m.roughness))
         mat = Material(name=m.name, pbrMetallicRoughness=pbr, doubleSided=bool(m.double_sided), alphaMode="OPAQUE")
-        if base_png is not None:
-            pbr.baseColorTexture = TextureInfo(index=texture(base_png, f"{m.name}_basecolor"), texCoord=0)
+        if base_image is not None:
+            pbr.baseColorTexture = TextureInfo(index=texture(base_image, f"{m.name}_basecolor"), texCoord=0)
         if normal_png is not None:
             mat.normalTexture = NormalMaterialTexture(index=texture(normal_png, f"{m.name}_normal"), texCoord=0,
                                                       scale=1.0)

@@ -378,7 +378,7 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     from avatar.export.bake import bake_maps
     from avatar.export.fit import SurfaceProximity, face_normals, fit_head_model, surface_distances
     from avatar.export.glb_rig import POSITION_EPSILON_M, GLBMaterial, GLBPart, Skeleton, top_joint_weights
-    from avatar.export.texture import encode_png
+    from avatar.export.texture import encode_jpeg, encode_png
     from avatar.prior.anny_export import PAIRED_WITH, load_export_head
 
     seconds = {} if seconds is None else seconds
@@ -512,17 +512,17 @@ def build_prior_export(avatar: Any, texture_size: int, engine: str = "auto", rep
     out["bake"] = {k: v for k, v in maps.stats.items() if k != "seconds"}
 
     materials = [
-        GLBMaterial(name="skin", base_colour_png=encode_png(maps.base_colour), normal_png=encode_png(maps.normal),
+        GLBMaterial(name="skin", base_colour_image=encode_jpeg(maps.base_colour), normal_png=encode_png(maps.normal),
                     orm_png=encode_png(maps.orm), roughness=1.0, metallic=1.0),
     ]
     if both:
         eyes_mouth = _side_by_side(_read_rgb(textures["eyes"]), _read_rgb(textures["mouth"]))
-        materials.append(GLBMaterial(name="eyes_mouth", base_colour_png=encode_png(eyes_mouth), roughness=0.3,
+        materials.append(GLBMaterial(name="eyes_mouth", base_colour_image=encode_jpeg(eyes_mouth), roughness=0.3,
                                      metallic=0.0))
     else:  # one texture (FLAME: the eyes; no mouth interior), or none without such parts
         for kind in ("eyes", "mouth"):
             if textures.get(kind) is not None and any(p.material == kind for p in parts):
-                materials.append(GLBMaterial(name=kind, base_colour_png=encode_png(_read_rgb(textures[kind])),
+                materials.append(GLBMaterial(name=kind, base_colour_image=encode_jpeg(_read_rgb(textures[kind])),
                                              roughness=0.3, metallic=0.0))
 
     if fit.accessory is not None and len(fit.accessory.faces):
@@ -555,7 +555,7 @@ def _accessory_part(accessory: Any, skin_vertices: np.ndarray, skin_faces: np.nd
     from avatar.export.glb_rig import GLBMaterial, GLBPart, top_joint_weights
     from avatar.export.mesh import clean_mesh, decimate, smooth_normals
     from avatar.export.rig import closest_points, falloff
-    from avatar.export.texture import bake_texture, encode_png, unwrap_uv
+    from avatar.export.texture import bake_texture, encode_jpeg, unwrap_uv
 
     verts, faces = clean_mesh(np.asarray(accessory.vertices, dtype=np.float64), accessory.faces,
                               min_component_area=0.0)
@@ -578,7 +578,7 @@ def _accessory_part(accessory: Any, skin_vertices: np.ndarray, skin_faces: np.nd
     part = GLBPart(name="accessory", positions=verts[m].astype(np.float32), normals=normals[m].astype(np.float32),
                    uvs=atlas.uvs.astype(np.float32), faces=atlas.faces, material="accessory",
                    joints=joint_idx[m], weights=joint_w[m].astype(np.float32), morphs=morphs, morph_normals=None)
-    material = GLBMaterial(name="accessory", base_colour_png=encode_png(image), roughness=0.8, metallic=0.0)
+    material = GLBMaterial(name="accessory", base_colour_image=encode_jpeg(image), roughness=0.8, metallic=0.0)
     info = {"faces": int(len(faces)), "vertices": int(len(verts)), "texture_size": size,
             "texture_coverage": round(float(coverage), 4)}
     return part, material, info
