@@ -331,6 +331,21 @@ def test_jaw_open_shows_the_teeth_and_the_mouth_from_the_front(exported):
     assert red_pixels({"jawOpen": 1.0}) > 100  # the mouth opens onto teeth and tongue
 
 
+def test_tongue_out_moves_the_tongue_forward_as_the_priors_does(exported):
+    """tongueOut pushes the tongue's tip out of the mouth (+Z) as far as on the prior (27 mm)."""
+    head, tongue = exported["head"], exported["parts"]["tongue"]
+    e = torch.zeros(1, head.num_expression)
+    e[0, head.expression_names.index("tongueOut")] = 1.0
+    part = head.parts["tongue"]
+    rows = slice(part.offset, part.offset + part.num_vertices)
+    with torch.no_grad():
+        rest, moved = head.forward().vertices[0, rows, 2], head.forward(expression=e).vertices[0, rows, 2]
+    prior_reach = float(moved.max() - rest.max())
+    reach = float((tongue["positions"] + tongue["targets"]["tongueOut"])[:, 2].max() - tongue["positions"][:, 2].max())
+    assert prior_reach > 0.02
+    assert abs(reach - prior_reach) < 0.1 * prior_reach, (reach, prior_reach)
+
+
 def _grid_case():
     """A grid (1 mm cells) with noisy offsets and two targets: a stretch and a bump."""
     n = 16
