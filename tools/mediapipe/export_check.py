@@ -11,13 +11,18 @@ Runs in avatar's environment; ``run.sh export`` calls it around ``detect.py`` (M
 ``run.sh measure`` shows MediaPipe (:func:`avatar.prior.show.shaded_images`) of
 
 - ``prior``: the anny head model (``load_head_model('anny')``) posed with ``forward(expression=...)``;
+- ``head``: the prior's own export head (:func:`avatar.prior.anny_export.load_export_head`: the
+  same anny head with eyeballs, teeth and tongue, at its default shape, unfitted) posed with
+  ``forward(expression=...)``: what the export is before the fit, so ``export`` against ``head``
+  measures what the fit changes and ``head`` against ``prior`` what the mouth's and eyes' parts change;
 - ``export``: the GLB's parts as an engine shows them: each part's POSITION plus the sum of
   weight x morph target (sparse accessors decoded), in the GLB's frame (metres, the prior's frame),
 
 under :data:`EXPRESSIONS`. ``report`` reads MediaPipe's landmarks and gives, per camera, whether a
 face was found and the pixel distances of :data:`MEASURES` (lip gap 13-14, lid gaps 386-374 and
-159-145, mouth width 61-291) neutral and under the expression that moves them, for both; then the
-export's change from neutral against the prior's (issue #18: the same expressions within 20%).
+159-145, mouth width 61-291) neutral and under the expression that moves them, for each; then the
+export's change from neutral against the prior's (issue #18: the same expressions within 20%; the
+exit status) and against the unfitted export head's.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ MEASURES: dict[str, tuple[int, int, str]] = {
 """name -> (MediaPipe landmark, landmark, the expression that moves their distance)."""
 TOLERANCE = 0.20
 SIZE = 512
+SOURCES = ("prior", "head", "export")
 
 
 def read_glb(path: Path) -> dict[str, dict]:
@@ -102,6 +108,32 @@ def glb_as_model(parts: dict[str, dict]):
     return model, pose
 
 
+def export_head_parts(expressions: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """The prior's export head (unfitted, default shape) as :func:`read_glb`'s parts: each part's rest
+    positions, its faces and, per name in ``expressions``, ``forward(expression=...) - rest``."""
+    import torch
+
+    from avatar.prior.anny_export import load_export_head
+
+    head = load_export_head()
+    names = sorted({n for e in expressions.values() for n in e})
+    with torch.no_grad():
+        rest = head.forward().vertices[0].double().numpy()
+        moved = {}
+        for n in names:
+            e = torch.zeros(1, head.num_expression)
+            e[0, head.expression_names.index(n)] = 1.0
+            moved[n] = head.forward(expression=e).vertices[0].double().numpy()
+    parts = {}
+    for name, part in head.parts.items():
+        if "eyelashes" in name:  # the export leaves them out
+            continue
+        rows = np.asarray(part.model_index)  # the part's vertices (split at UV seams) as model rows
+        parts[name] = {"positions": rest[rows], "faces": np.asarray(part.faces, dtype=np.int64),
+                       "targets": {n: moved[n][rows] - rest[rows] for n in names}}
+    return parts
+
+
 def render(out: Path, glb: Path) -> None:
     import torch
     from PIL import Image
@@ -113,12 +145,14 @@ def render(out: Path, glb: Path) -> None:
     frame = prior_frame(prior)  # the GLB is in the prior's frame (metres): the same cameras frame both
     cams, info = control_cameras(CAMERAS, SIZE)
     glb_model, pose = glb_as_model(read_glb(glb))
+    head_model, head_pose = glb_as_model(export_head_parts(EXPRESSIONS))
     (out / "renders").mkdir(parents=True, exist_ok=True)
     views = []
     for expr_name, expr in EXPRESSIONS.items():
         with torch.no_grad():
             prior_verts = prior.forward(expression=expr or None).vertices[0].detach().cpu().float()
-        for source, model, verts in (("prior", prior, prior_verts), ("export", glb_model, pose(expr))):
+        for source, model, verts in (("prior", prior, prior_verts), ("head", head_model, head_pose(expr)),
+                                     ("export", glb_model, pose(expr))):
             images = shaded_images(model, cams, verts, frame)
             for i, cam in enumerate(info):
                 stem = f"{source}_{expr_name}_{cam['name']}"
@@ -142,14 +176,18 @@ def report(out: Path) -> dict:
         return round(float(np.linalg.norm(lm[a] - lm[b])), 2)
 
     found = {f"{s}_{e}_{c}": bool(det.get(f"{s}_{e}_{c}", {}).get("found"))
-             for s in ("prior", "export") for e in EXPRESSIONS for c in CAMERAS}
+             for s in SOURCES for e in EXPRESSIONS for c in CAMERAS}
     rows = []
     for name, (a, b, expr) in MEASURES.items():
         for cam in CAMERAS:
             row = {"measure": name, "landmarks": [a, b], "expression": expr, "camera": cam}
-            for source in ("prior", "export"):
+            for source in SOURCES:
                 row[f"{source}_neutral"] = measure(source, "neutral", cam, a, b)
                 row[f"{source}_{expr}"] = measure(source, expr, cam, a, b)
+            head = [row["head_neutral"], row[f"head_{expr}"], row["export_neutral"], row[f"export_{expr}"]]
+            if None not in head and abs(head[1] - head[0]) > 1e-6:
+                row["head_change"] = round(head[1] - head[0], 2)
+                row["change_ratio_to_head"] = round((head[3] - head[2]) / (head[1] - head[0]), 3)
             vals = [row["prior_neutral"], row[f"prior_{expr}"], row["export_neutral"], row[f"export_{expr}"]]
             if None not in vals:
                 dp, de = vals[1] - vals[0], vals[3] - vals[2]
@@ -180,11 +218,10 @@ def report(out: Path) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    lines = ["Faces found (prior / export), per expression and camera:", "",
+    lines = ["Faces found (prior / head / export), per expression and camera:", "",
              "| expression | " + " | ".join(CAMERAS) + " |", "|---" * (len(CAMERAS) + 1) + "|"]
     for e in EXPRESSIONS:
-        cells = [f"{'y' if doc['faces_found'][f'prior_{e}_{c}'] else 'n'} / "
-                 f"{'y' if doc['faces_found'][f'export_{e}_{c}'] else 'n'}" for c in CAMERAS]
+        cells = [" / ".join("y" if doc["faces_found"][f"{s}_{e}_{c}"] else "n" for s in SOURCES) for c in CAMERAS]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     lines += ["", "Mean (max) distance in px between MediaPipe's 478 landmarks on the export and on the prior:", "",
               "| expression | " + " | ".join(CAMERAS) + " |", "|---" * (len(CAMERAS) + 1) + "|"]
@@ -192,9 +229,9 @@ def markdown(doc: dict) -> str:
         cells = [f"{v['mean']} ({v['max']})" if (v := doc["landmark_px"].get(f"{e}_{c}")) else "-" for c in CAMERAS]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     lines += ["", f"Distances in px at {doc['size']}; change = expression - neutral; ratio = export change / prior "
-              f"change (goal 1 +- {doc['tolerance']:.0%}):", "",
-              "| measure (landmarks) | camera | prior neutral -> expr | export neutral -> expr | prior change | "
-              "export change | ratio |", "|---|---|---|---|---|---|---|"]
+              f"change (goal 1 +- {doc['tolerance']:.0%}); to head = export change / the unfitted export head's:", "",
+              "| measure (landmarks) | camera | prior neutral -> expr | head neutral -> expr | export neutral -> expr "
+              "| prior change | export change | ratio | to head |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["measures"]:
         expr = r["expression"]
 
@@ -205,8 +242,9 @@ def markdown(doc: dict) -> str:
         ratio = r.get("change_ratio")
         flag = "" if r.get("within_tolerance", True) else " (off)"
         lines.append(f"| {r['measure']} ({r['landmarks'][0]}-{r['landmarks'][1]}), {expr} | {r['camera']} | "
-                     f"{cell('prior')} | {cell('export')} | {r.get('prior_change', '-')} | "
-                     f"{r.get('export_change', '-')} | {'-' if ratio is None else ratio}{flag} |")
+                     f"{cell('prior')} | {cell('head')} | {cell('export')} | {r.get('prior_change', '-')} | "
+                     f"{r.get('export_change', '-')} | {'-' if ratio is None else ratio}{flag} | "
+                     f"{r.get('change_ratio_to_head', '-')} |")
     return "\n".join(lines) + "\n"
 
 
