@@ -589,6 +589,32 @@ def procedural_textures(head: ExportHead, size: int = _TEXTURE_SIZE) -> dict[str
 # ----------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------
+def deformation_quality(faces: torch.Tensor, lining: np.ndarray, rest: torch.Tensor,
+                        moved: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Flipped triangles and edge stretch of ``faces`` from ``rest`` to each of ``moved`` (name -> (V, 3)):
+    a triangle flips when its normal turns by more than 90 degrees (``flipped_visible``: not wholly
+    on ``lining``); stretch is the largest ratio of deformed to rest edge length, minus one;
+    ``max_edge_change_m`` the largest change of an edge's length in metres."""
+    edges = torch.unique(torch.sort(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]),
+                                    dim=1).values, dim=0)
+
+    def normals(v: torch.Tensor) -> torch.Tensor:
+        a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
+        return torch.linalg.cross(b - a, c - a)
+
+    rest_len = (rest[edges[:, 0]] - rest[edges[:, 1]]).norm(dim=1)
+    rest_n = normals(rest)
+    hidden = torch.as_tensor(np.asarray(lining), device=faces.device)[faces].all(dim=1)
+    out = {}
+    for name, v in moved.items():
+        length = (v[edges[:, 0]] - v[edges[:, 1]]).norm(dim=1)
+        flipped = (normals(v) * rest_n).sum(dim=1) < 0
+        out[name] = {"flipped": int(flipped.sum()), "flipped_visible": int((flipped & ~hidden).sum()),
+                     "max_stretch": float((length / rest_len).max() - 1.0),
+                     "max_edge_change_m": float((length - rest_len).abs().max())}
+    return out
+
+
 @dataclass
 class ExportPart:
     """One mesh of the export head, split at UV seams.
@@ -707,19 +733,8 @@ class ExportHead(ah.AnnyHead):
             mouth's lining (:attr:`lining`), "max_stretch": ratio - 1, "max_edge_change_m": metres}.
         """
         names = list(self.expression_names) if names is None else names
-        faces = self.part_faces(part)
-        edges = torch.unique(torch.sort(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]),
-                                        dim=1).values, dim=0)
         rest = self.template.double()
-
-        def normals(v: torch.Tensor) -> torch.Tensor:
-            a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
-            return torch.linalg.cross(b - a, c - a)
-
-        rest_len = (rest[edges[:, 0]] - rest[edges[:, 1]]).norm(dim=1)
-        rest_n = normals(rest)
-        hidden = torch.as_tensor(self.lining, device=faces.device)[faces].all(dim=1)
-        out = {}
+        moved = []
         for name in names:
             if name in self.visemes:
                 weights = self.viseme_weights(name).double()
@@ -729,13 +744,8 @@ class ExportHead(ah.AnnyHead):
                     weights[self.expression_names.index(other)] = w
             else:
                 raise PriorError(f"unknown expression or viseme {name!r}; expected ARKit names or {VISEME_NAMES}")
-            moved = rest + torch.einsum("e,evc->vc", weights, self.expression_dirs.double())
-            length = (moved[edges[:, 0]] - moved[edges[:, 1]]).norm(dim=1)
-            flipped = (normals(moved) * rest_n).sum(dim=1) < 0
-            out[name] = {"flipped": int(flipped.sum()), "flipped_visible": int((flipped & ~hidden).sum()),
-                         "max_stretch": float((length / rest_len).max() - 1.0),
-                         "max_edge_change_m": float((length - rest_len).abs().max())}
-        return out
+            moved.append(rest + torch.einsum("e,evc->vc", weights, self.expression_dirs.double()))
+        return deformation_quality(self.part_faces(part), self.lining, rest, dict(zip(names, moved)))
 
     def exposed_eyeball_vertices(self, vertices: torch.Tensor | np.ndarray, side: str) -> np.ndarray:
         """Eyeball vertices not covered by the skin along +Z (the camera's view of the face).

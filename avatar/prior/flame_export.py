@@ -332,30 +332,14 @@ class FlameExportHead(HeadModel):
         unknown = [n for n in names if n not in self.expression_names]
         if unknown:
             raise PriorError(f"unknown FLAME expression(s) {unknown}; expected names from {self.expression_names}")
-        faces = self.part_faces(part)
-        edges = torch.unique(torch.sort(torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]),
-                                        dim=1).values, dim=0)
-
-        def normals(v: torch.Tensor) -> torch.Tensor:
-            a, b, c = v[faces[:, 0]], v[faces[:, 1]], v[faces[:, 2]]
-            return torch.linalg.cross(b - a, c - a)
+        from avatar.prior.anny_export import deformation_quality
 
         with torch.no_grad():
             rest = self.forward().vertices[0].double()
             rows = torch.eye(self.num_expression, dtype=self.dtype, device=self.device)[
                 [self.expression_names.index(n) for n in names]]
             moved_all = self.forward(expression=rows).vertices.double() if names else rest[None][:0]
-        rest_len = (rest[edges[:, 0]] - rest[edges[:, 1]]).norm(dim=1)
-        rest_n = normals(rest)
-        hidden = torch.as_tensor(self.lining, device=faces.device)[faces].all(dim=1)
-        out = {}
-        for name, moved in zip(names, moved_all):
-            length = (moved[edges[:, 0]] - moved[edges[:, 1]]).norm(dim=1)
-            flipped = (normals(moved) * rest_n).sum(dim=1) < 0
-            out[name] = {"flipped": int(flipped.sum()), "flipped_visible": int((flipped & ~hidden).sum()),
-                         "max_stretch": float((length / rest_len).max() - 1.0),
-                         "max_edge_change_m": float((length - rest_len).abs().max())}
-        return out
+        return deformation_quality(self.part_faces(part), self.lining, rest, dict(zip(names, moved_all)))
 
     def exposed_eyeball_vertices(self, vertices: torch.Tensor | np.ndarray, side: str) -> np.ndarray:
         """Eyeball vertices no skin triangle covers along +Z (see
