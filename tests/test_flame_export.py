@@ -337,3 +337,36 @@ def test_build_prior_export_takes_the_flame_head(tmp_path):
     path.write_bytes(build_rigged_glb(built.parts, built.materials, built.skeleton, built.morph_names))
     report = validate_glb(path)
     assert report["issues"]["numErrors"] == 0 and report["issues"]["numWarnings"] == 0
+
+
+@pytest.mark.slow
+def test_a_flame_run_exports_on_flames_topology_by_default(tmp_path, monkeypatch):
+    """``avatar export`` of a run generated on a FLAME prior (``prior.spec=flame:DIR``) takes the
+    FLAME export head through run.py's default path: FLAME's skin and eyes, its expression
+    components as targets, the five joints, in a GLB the Khronos validator passes."""
+    from pygltflib import GLTF2
+    from test_export import validate_glb
+
+    from avatar.config import ExportConfig, GenerateConfig, make_config
+    from avatar.export import export_run
+    from avatar.pipeline.generate import run_generate
+    from avatar.workspace import Workspace
+
+    monkeypatch.setenv("AVATAR_OUTPUTS", str(tmp_path))
+    write_flame_head(tmp_path / "flame")
+    cfg = make_config(GenerateConfig, "smoke", ["prompt=a head", "guidance.model=tiny", "device=cpu",
+                                                f"prior.spec=flame:{tmp_path / 'flame'}", "coarse.steps=0",
+                                                "fine.steps=2", "fine.dmtet_resolution=64", "checkpoint_every=100",
+                                                "preview_every=100"])
+    ws = Workspace.create(tmp_path, "run")
+    run_generate(cfg, ws, progress=False)
+    summary = export_run(ws.root, ExportConfig(texture_size=256, formats=("glb",)), out_dir=tmp_path / "export")
+    assert summary["topology"] == "prior"
+    assert list(summary["parts"]) == ["skin", "left_eye", "right_eye"] and summary["materials"] == ["skin", "eyes"]
+    assert summary["joints"] == fe.JOINT_NAMES and summary["morph_targets"] == N_EXPR
+    assert summary["fit"]["chamfer_mm"] < 1.0
+    path = tmp_path / "export" / "avatar.glb"
+    gltf = GLTF2().load_binary(str(path))
+    assert gltf.meshes[0].extras["targetNames"] == [f"exp_{i:02d}" for i in range(N_EXPR)]
+    report = validate_glb(path)
+    assert report["issues"]["numErrors"] == 0 and report["issues"]["numWarnings"] == 0
