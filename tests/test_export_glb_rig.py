@@ -145,6 +145,15 @@ def decode(gltf, blob: bytes, index: int) -> np.ndarray:
     return out
 
 
+def on_zero_view(gltf, blob: bytes, acc) -> bool:
+    """The accessor reads the writer's shared view of zeros (a whole VEC3 float view, stride 12)."""
+    if acc.bufferView is None:
+        return False
+    view = gltf.bufferViews[acc.bufferView]
+    data = blob[view.byteOffset or 0:(view.byteOffset or 0) + view.byteLength]
+    return view.byteStride == 12 and view.byteLength == 12 * acc.count and not any(data)
+
+
 def targets_of(gltf, mesh_index: int) -> list[dict]:
     return [t if isinstance(t, dict) else t.__dict__ for t in gltf.meshes[mesh_index].primitives[0].targets]
 
@@ -234,7 +243,7 @@ def test_morph_targets_are_shared_sparse_and_exact(written):
         moved = (np.abs(clean) >= POSITION_EPSILON_M).any(axis=1)
         assert 0 < moved.sum() < len(clean)
         # Sparse over a zero base, holding the moved vertices only: the 1e-9 m noise is gone.
-        assert acc.bufferView is None and acc.sparse is not None
+        assert on_zero_view(gltf, blob, acc) and acc.sparse is not None
         assert _get(acc.sparse, "count") == moved.sum()
         delta = decode(gltf, blob, targets[MORPHS.index(name)]["POSITION"])
         assert (delta[~moved] == 0).all()
@@ -259,10 +268,20 @@ def test_a_target_that_moves_nothing_is_a_zero_accessor(written):
     for mesh, name in [(1, "jawOpen"), (1, "browInnerUp"), (2, "jawOpen"), (2, "eyeLookUpLeft")]:
         index = targets_of(gltf, mesh)[MORPHS.index(name)]["POSITION"]
         acc = gltf.accessors[index]
-        assert acc.bufferView is None and acc.sparse is None
+        assert on_zero_view(gltf, blob, acc) and acc.sparse is None
         assert acc.min == [0.0, 0.0, 0.0] and acc.max == [0.0, 0.0, 0.0]
         assert acc.count == gltf.accessors[gltf.meshes[mesh].primitives[0].attributes.POSITION].count
         assert (decode(gltf, blob, index) == 0).all()
+
+
+def test_every_accessor_has_a_buffer_view(written):
+    """Godot 3's importer reads an accessor without a bufferView (a zero accessor or a sparse
+    accessor's zero base, both valid glTF) from bufferView 0, the first image: its blend shapes
+    came out thrown 1e20 m or not moving. One shared view of zeros per vertex count serves them."""
+    gltf = written["gltf"]
+    assert all(acc.bufferView is not None for acc in gltf.accessors)
+    zero_views = {acc.bufferView for acc in gltf.accessors if on_zero_view(gltf, written["blob"], acc)}
+    assert len(zero_views) == len({acc.count for acc in gltf.accessors if acc.bufferView in zero_views})
 
 
 def test_materials_and_textures_are_wired(written):

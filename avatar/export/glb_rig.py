@@ -25,11 +25,12 @@ after the glTF 2.0 specification (sections 3.6 to 3.9):
   so one weight vector or one animation channel per node drives the whole head;
   ``mesh.extras.targetNames`` names them (the convention Blender, three.js, Babylon and
   Godot read) and ``mesh.weights`` is zero (the rest pose). Position deltas, and normal
-  deltas where given, are sparse accessors over a zero base (no ``bufferView``) that
+  deltas where given, are sparse accessors over a zero base (a shared bufferView of
+  zeros per vertex count: the spec allows none, but Godot 3 then reads bufferView 0) that
   hold only the vertices with a delta component of at least :data:`POSITION_EPSILON_M`
   (1 micrometre) or, for normals, :data:`NORMAL_EPSILON`: a dense target is mostly float
   noise (issue 18 measured 22 MB against 5.25 MB). A target that moves nothing in a part
-  is a zero accessor with no ``bufferView`` and no ``sparse`` (``sparse.count`` must be
+  is that zero view's accessor with no ``sparse`` (``sparse.count`` must be
   at least 1); a target that moves so many vertices that the indices cost more than
   they save is stored dense. POSITION accessors carry ``min``/``max`` (required), over
   the zeros as well.
@@ -300,6 +301,7 @@ class _Builder:
         self.gltf = gltf
         self.blob = bytearray()
         self._zeros: dict[int, int] = {}
+        self._zero_views: dict[int, int] = {}
 
     def view(self, data: bytes, target: int | None = None) -> int:
         from pygltflib import BufferView
@@ -329,13 +331,24 @@ class _Builder:
             acc.max = [float(x) for x in flat.max(axis=0)]
         return self._add(acc)
 
+    def zero_view(self, count: int) -> int:
+        """A bufferView of ``count`` float VEC3 zeros (stride 12, vertex data), one per count, that
+        every zero accessor and sparse base of that count reads. The spec lets those accessors
+        have no bufferView (3.6.2.3), but Godot 3's importer then reads bufferView 0 instead (the
+        first image: shapes thrown 1e20 m, or none moving), so every accessor gets one."""
+        if count not in self._zero_views:
+            self._zero_views[count] = self.view(bytes(12 * count), _ARRAY_BUFFER)
+            self.gltf.bufferViews[-1].byteStride = 12  # shared by several vertex accessors
+        return self._zero_views[count]
+
     def zeros_vec3(self, count: int) -> int:
-        """A (count, 3) float accessor of zeros: no bufferView, no sparse (spec 3.6.2.3); one per count."""
+        """A (count, 3) float accessor of zeros over :meth:`zero_view`, no sparse; one per count."""
         from pygltflib import Accessor
 
         if count not in self._zeros:
-            self._zeros[count] = self._add(Accessor(bufferView=None, byteOffset=None, componentType=_FLOAT,
-                                                    count=count, type="VEC3", min=[0.0] * 3, max=[0.0] * 3))
+            self._zeros[count] = self._add(Accessor(bufferView=self.zero_view(count), byteOffset=0,
+                                                    componentType=_FLOAT, count=count, type="VEC3",
+                                                    min=[0.0] * 3, max=[0.0] * 3))
         return self._zeros[count]
 
     def delta_vec3(self, deltas: np.ndarray, epsilon: float, bounds: bool) -> tuple[int, int]:
@@ -359,8 +372,8 @@ class _Builder:
             dense = np.where(np.abs(d32) >= np.float32(epsilon), d32, np.float32(0))
             return self.accessor(dense, _ARRAY_BUFFER, bounds=bounds), len(moved)
         values = np.where(np.abs(d32[moved]) >= np.float32(epsilon), d32[moved], np.float32(0))  # no noise
-        acc = Accessor(bufferView=None, byteOffset=None, componentType=_FLOAT, count=count, type="VEC3",
-                       sparse=Sparse(count=len(moved),
+        acc = Accessor(bufferView=self.zero_view(count), byteOffset=0, componentType=_FLOAT, count=count,
+                       type="VEC3", sparse=Sparse(count=len(moved),
                                      indices=AccessorSparseIndices(bufferView=self.view(moved.astype(index_dtype)
                                                                                         .tobytes()),
                                                                    byteOffset=0,
