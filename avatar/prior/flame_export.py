@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from avatar.prior.anny_export import ExportPart, split_at_seams
+from avatar.prior.anny_export import ExportPart, _srgb, eye_colour, split_at_seams
 from avatar.prior.errors import PriorError
 from avatar.prior.head_model import HeadModel
 
@@ -75,7 +75,6 @@ MATERIALS = ["skin", "eyes"]
 
 # The eye as anny's export head draws it (anny_export: a 12 mm eyeball, 11.5 mm iris, 3.5 mm
 # pupil, MakeHuman's default eye colours, linear RGB).
-_IRIS_DEG, _PUPIL_DEG = 28.6, 8.4
 _SCLERA, _IRIS_MAJOR, _IRIS_MINOR, _PUPIL = (1.0, 1.0, 1.0), (0.18, 0.49, 0.91), (0.11, 0.16, 0.41), (0.0, 0.0, 0.0)
 
 
@@ -236,11 +235,6 @@ def eye_corner_uvs(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.stack([u0 + rho * u_dir, 0.5 + rho * v_dir], axis=-1)
 
 
-def _srgb(linear: np.ndarray) -> np.ndarray:
-    linear = np.clip(np.asarray(linear, dtype=np.float64), 0.0, 1.0)
-    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
-
-
 def draw_eye_texture(size: int = EYE_TEXTURE_SIZE) -> np.ndarray:
     """(size, size, 3) uint8 sRGB: pupil, iris and sclera by angle from the gaze axis in the
     left disk of :func:`eye_corner_uvs`, sclera elsewhere (anny's eye, :mod:`avatar.prior.anny_export`)."""
@@ -248,12 +242,8 @@ def draw_eye_texture(size: int = EYE_TEXTURE_SIZE) -> np.ndarray:
     u, v = np.meshgrid(centre, centre)
     angle = np.hypot(u - 0.25, v - 0.5) / 0.25 * EYE_UV_RADIUS_DEG
     angle = np.where(u < 0.5, angle, 180.0)  # the back disk: sclera
-    radial = np.clip(angle / _IRIS_DEG, 0.0, 1.0)[..., None]
-    minor, major = _srgb(_IRIS_MINOR), _srgb(_IRIS_MAJOR)
-    colour = np.where(angle[..., None] < _IRIS_DEG, minor + (major - minor) * radial, _srgb(_SCLERA))
-    colour = np.where(angle[..., None] < _PUPIL_DEG, _srgb(_PUPIL), colour)
-    ring = np.exp(-(((angle - _IRIS_DEG) / 1.5) ** 2))[..., None]  # a soft limbal ring
-    return (np.clip(colour * (1 - 0.6 * ring), 0, 1) * 255).round().astype(np.uint8)
+    colour = eye_colour(angle, _srgb(_SCLERA), _srgb(_IRIS_MINOR), _srgb(_IRIS_MAJOR), _srgb(_PUPIL))
+    return (np.clip(colour, 0, 1) * 255).round().astype(np.uint8)
 
 
 def eye_texture_path(size: int = EYE_TEXTURE_SIZE) -> Path:
